@@ -1,0 +1,43 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Each creates or refreshes the local virtual environment .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv sysdeps demo test test-fast lint bench clean
+
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+venv: $(STAMP) sysdeps
+
+# Debian's Fashion-MNIST (demo + tests) and the compiler DeepSpeed's CPU comm op needs.
+sysdeps:
+	@test -f $(FMNIST) && command -v g++ >/dev/null && command -v ninja >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist g++ ninja-build; }
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m pipelines.demo
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) demo_out

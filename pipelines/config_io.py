@@ -1,0 +1,52 @@
+"""Reading configs: a preset name or a YAML file, then `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xtra_core.config import PRESETS, ConfigError, XTRAConfig, build_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`["train.max_steps=5", "probe.lrs=[0.001,0.003]"]` -> dotted dict, values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+    return out
+
+
+def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConfig:
+    """`config` is a preset name (`tiny`, `vit_b16`, `vit_h14`), a YAML path, or the stem of a
+    file in `configs/` (`vit_b16_in1k`). The YAML may name a `preset:` and override sections."""
+    dotted = parse_set(sets)
+    if config in PRESETS:
+        return build_config(config, None, dotted)
+    path = Path(config)
+    if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
+        path = CONFIG_DIR / f"{config}.yaml"
+    if not path.exists():
+        raise ConfigError(
+            f"--config {config!r} is neither a preset {sorted(PRESETS)} nor a YAML file "
+            f"(also looked in {CONFIG_DIR})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return build_config(data.get("preset", "tiny"), data, dotted)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,304 @@
+"""XTRA: a block-causal encoder-decoder ViT that predicts the pixels of the next block.
+
+forward_encoder -> projection -> forward_decoder -> heads -> forward_loss, as in MAE's
+`models_mae.py`. Shapes: B batch, N = grid**2 tokens, K blocks, k block size in patches,
+p patch size, D encoder width, Dd decoder width, P = C*(k*p)**2 pixel values per block.
+
+The token sequence is kept in block-major order (see `masks.py`): the block-causal mask is
+causal at block granularity, and the tokens of block i are rows i*k*k .. (i+1)*k*k - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from xtra_core.config import ModelConfig, XTRAConfig, preset
+from xtra_core.masks import block_major_permutation, block_order, blockify
+
+# --------------------------------------------------------------------------- transformer parts
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability `p`."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, dim]; attn_mask: bool [N, N], True where query may attend to key."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, N, d_head]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block; the attention mask is threaded through, never hard-wired."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor,
+    use_checkpointing: bool,
+    keep_last: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply `blocks` in turn (recomputing each in backward if asked); also return the outputs of
+    the last `keep_last` blocks."""
+    kept: list[torch.Tensor] = []
+    first_kept = len(blocks) - keep_last
+    for i, blk in enumerate(blocks):
+        if use_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+        else:
+            x = blk(x, attn_mask)
+        if i >= first_kept:
+            kept.append(x)
+    return x, kept
+
+
+# --------------------------------------------------------------------------- layout buffers
+
+
+class Layout(nn.Module):
+    """Non-persistent buffers for the token order: raster <-> block-major and the mask."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        k2 = cfg.block_size**2
+        with torch.device("cpu"):  # real values even when the model is built on "meta"
+            order = block_order(cfg.num_blocks, cfg.block_order, cfg.order_seed)  # [K]
+            perm = block_major_permutation(cfg.grid, cfg.block_size, order)  # [N] raster idx/slot
+            slot_block = torch.arange(cfg.num_patches) // k2  # [N] block position of each slot
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        # block-major mask: causal at block granularity (True = may attend)
+        self.register_buffer(
+            "attn_mask", slot_block[None, :] <= slot_block[:, None], persistent=False
+        )
+
+
+# --------------------------------------------------------------------------- encoder / decoder
+
+
+class Encoder(nn.Module):
+    """ViT encoder with block-causal attention: conv patch embedding, learned absolute position
+    embedding, no CLS token, stochastic depth, final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layout = Layout(cfg)
+        d = cfg.encoder_width
+        self.patch_embed = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d))  # raster order
+        rates = [cfg.drop_path * i / max(1, cfg.encoder_depth - 1) for i in range(cfg.encoder_depth)]
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.encoder_heads, cfg.mlp_ratio, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+    @property
+    def width(self) -> int:
+        return self.cfg.encoder_width
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] -> tokens [B, N, D] in block-major order (pos embed permuted too)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D] raster
+        x = x + self.pos_embed
+        return x[:, self.layout.perm]
+
+    def forward_sequence(
+        self, images: torch.Tensor, keep_last: int = 0
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (final-normed tokens [B, N, D] block-major, outputs of the last `keep_last` blocks)."""
+        x = self.embed(images)
+        x, kept = run_blocks(
+            self.blocks, x, self.layout.attn_mask, self.cfg.activation_checkpointing, keep_last
+        )
+        return self.norm(x), kept
+
+    def forward(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
+        """Frozen-trunk features: mean of the last `last_n` blocks' outputs (before the final
+        norm), tokens in raster patch order. images [B, C, H, W] -> [B, N, D]."""
+        if not 1 <= last_n <= len(self.blocks):
+            raise ValueError(f"last_n={last_n} must be in 1..{len(self.blocks)}")
+        _, kept = self.forward_sequence(images, keep_last=last_n)
+        feats = torch.stack(kept).mean(0)  # [B, N, D] block-major
+        return feats[:, self.layout.inv_perm]
+
+
+class Decoder(nn.Module):
+    """ViT decoder with its own position embedding and the same block-causal mask."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.decoder_width
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, d))  # raster order
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """x: [B, N, Dd] block-major -> [B, N, Dd] block-major."""
+        x = x + self.pos_embed[:, layout.perm]
+        x, _ = run_blocks(self.blocks, x, layout.attn_mask, self.cfg.activation_checkpointing)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class XTRA(nn.Module):
+    """Encoder -> projection -> decoder -> per-block heads predicting the next block(s)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.projection = nn.Sequential(
+            nn.Linear(cfg.encoder_width, cfg.projection_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.projection_hidden, cfg.decoder_width),
+        )
+        self.decoder = Decoder(cfg)
+        k2 = cfg.block_size**2
+        self.heads = nn.ModuleList(
+            Mlp(k2 * cfg.decoder_width, cfg.head_hidden, cfg.block_pixels)
+            for _ in range(cfg.blocks_ahead)
+        )
+        self.apply(_init_weights)
+        for pe in (self.encoder.pos_embed, self.decoder.pos_embed):
+            nn.init.trunc_normal_(pe, std=0.02)
+        w = self.encoder.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    # ---- pieces
+
+    @property
+    def layout(self) -> Layout:
+        return self.encoder.layout
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] -> decoder output grouped by block [B, K, k*k*Dd], model order."""
+        x, _ = self.encoder.forward_sequence(images)  # [B, N, D]
+        x = self.decoder(self.projection(x), self.layout)  # [B, N, Dd]
+        b, n, d = x.shape
+        return x.reshape(b, self.cfg.num_blocks, n // self.cfg.num_blocks * d)
+
+    def targets(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-block-normalised target pixels in model block order: [B, K, P]."""
+        t = blockify(images, self.cfg.block_size * self.cfg.patch_size)[:, self.layout.order]
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)  # unbiased, as in MAE's norm_pix_loss
+        return (t - mean) / (var + self.cfg.norm_pix_eps) ** 0.5
+
+    def forward_loss(self, preds: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """preds[j]: [B, K, P] from head j, row i predicting block i+1+j; target [B, K, P].
+        Blocks 2..K are targets (the first never is); losses averaged over heads."""
+        losses = []
+        for j, pred in enumerate(preds):
+            p, t = pred[:, : -(j + 1)], target[:, j + 1 :]
+            err = (p - t).abs() if self.cfg.loss == "l1" else (p - t) ** 2
+            losses.append(err.mean())
+        return torch.stack(losses).mean()
+
+    # ---- public API
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """First head's predictions [B, K, P]: row i sees blocks 1..i+1 and predicts block i+2 (in
+        the model's block order, per-block-normalised pixel space); the last row has no target."""
+        return self.heads[0](self.forward_features(images))
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Scalar next-block reconstruction loss of normalised images [B, C, H, W]."""
+        z = self.forward_features(images)
+        return self.forward_loss([head(z) for head in self.heads], self.targets(images))
+
+    def encode(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
+        """Frozen-trunk features [B, N, D]: mean of the last `last_n` encoder blocks' outputs."""
+        return self.encoder(images, last_n=last_n)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The training objective (what a DeepSpeed engine calls): the scalar loss."""
+        return self.loss(images)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_model(cfg: str | XTRAConfig | ModelConfig = "tiny") -> XTRA:
+    """An XTRA model from a preset name (`tiny`, `vit_b16`, `vit_h14`) or a config."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    if isinstance(cfg, XTRAConfig):
+        cfg = cfg.model
+    return XTRA(cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(model: XTRA) -> str:
+    """One line: parameter counts, as nanoGPT prints them."""
+    enc = count_parameters(model.encoder)
+    return (
+        f"XTRA: {count_parameters(model) / 1e6:.2f}M parameters "
+        f"(encoder {enc / 1e6:.2f}M), {model.cfg.num_blocks} blocks of "
+        f"{model.cfg.block_size}x{model.cfg.block_size} patches at {model.cfg.image_size} px"
+    )
