@@ -141,6 +141,7 @@ class TrainConfig:
 
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    stop_at_step: int | None = None  # end this invocation early (schedule unchanged); resume later
     steps_per_epoch: int | None = None  # needed for streaming sources of unknown size
     global_batch_size: int = 128
     micro_batch_size: int | None = None  # per worker; default global / num_workers

@@ -1,0 +1,68 @@
+"""The pretraining input stream: one lazy Ray Dataset of image rows for the steps of this run.
+
+Pretraining reads row ids `first_row .. first_row + num_rows - 1` of the endless chain of epochs
+(epoch e = ids e*N .. (e+1)*N - 1, each in its own seeded order with its own crops, see
+`pipelines.data`); the trainer hands it to the workers with `get_dataset_shard("train")`. A run
+resumed at step s starts its stream at row s * global_batch_size, so nothing is re-read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import ray
+
+from pipelines import storage
+from pipelines.data import bad_file_counter, build_dataset
+from pipelines.listing import Listing, list_split
+from xtra_core.config import XTRAConfig
+
+# rows added past the planned end, so that skipped bad files never leave a worker short of batches
+SPARE_FRACTION = 0.02
+
+
+@dataclass
+class TrainStream:
+    cfg: XTRAConfig
+    listing: Listing
+    bad_files_actor: str
+
+    @property
+    def num_images(self) -> int:
+        return len(self.listing)
+
+    def dataset(self, first_row: int, num_rows: int) -> ray.data.Dataset:
+        spare = int(num_rows * SPARE_FRACTION) + 2 * self.cfg.train.global_batch_size
+        return build_dataset(
+            self.cfg,
+            self.cfg.data.train_split,
+            epoch=0,
+            train=True,
+            listing=self.listing,
+            bad_files=bad_file_counter(self.bad_files_actor),
+            first_row=first_row,
+            num_rows=num_rows + spare,
+        )
+
+    def storage_filesystem(self, storage_path: str) -> pafs.FileSystem | None:
+        """The filesystem for Ray Train's run storage (S3 with the data's endpoint settings)."""
+        if storage.is_s3_uri(storage_path):
+            return storage.s3_filesystem(
+                storage.s3_endpoint(self.cfg.data.s3_endpoint), self.cfg.data.s3_region
+            )
+        return None
+
+
+def build_train_stream(cfg: XTRAConfig) -> TrainStream:
+    listing = list_split(cfg.data, cfg.data.train_split)
+    return TrainStream(cfg, listing, bad_files_actor=f"xtra-bad-files-{cfg.train.run_name}")
+
+
+
+def open_storage(storage_path: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path) of a run storage location, local or s3://."""
+    if storage.is_s3_uri(storage_path):
+        loc = storage.resolve(storage_path, cfg.data.s3_endpoint, cfg.data.s3_region)
+        return loc.filesystem, loc.path.rstrip("/")
+    return pafs.LocalFileSystem(), str(storage_path).rstrip("/")
