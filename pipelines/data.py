@@ -1,0 +1,259 @@
+"""Ray Data: stream decoded, augmented uint8 images from S3 or a local directory.
+
+`build_dataset(cfg, split, epoch, train)` returns a lazy `ray.data.Dataset` (nothing is read or
+materialised until it is iterated) with, per row:
+
+    image: uint8 [H, W, 3] (HWC, H = W = cfg.model.image_size)     label: int64 (-1 = unlabelled)
+    path:  str, the file's URI                                       (only with `with_paths=True`)
+
+so `iter_torch_batches(batch_size=B)` yields `image` uint8 [B, H, W, 3] and `label` int64 [B]; the
+training worker turns images into float [B, 3, H, W] with `pipelines.images.normalize`. Only uint8
+crosses the object store.
+
+How it streams. The listing (paths + labels, `pipelines.listing`) is put once into the object store.
+The dataset is `ray.data.range(num_epochs * N)` cut into blocks of `ROWS_PER_BLOCK` row ids; one
+fused Ray task per block maps each id to (epoch, position), position to a file through that epoch's
+permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
+PIL (`pipelines.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
+
+Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
+epoch; evaluation keeps listing order) and draws each file's crop and flip from
+`file_rng(seed, e, path)`. Both depend only on (data.seed, epoch, path), never on block boundaries,
+task placement or retries, so (seed, epoch) reproduces every pixel. `num_epochs > 1` chains epochs
+`epoch .. epoch + num_epochs - 1` in one dataset, for a trainer that is handed a single dataset.
+
+Bad files. A file that fails to read or decode (empty, truncated, not an image, over
+`data.max_image_pixels`) is dropped from its batch and logged by the worker as one line
+`xtra data: skipped bad image <uri> (<reason>)`. When a `BadFileCounter` actor is passed
+(`bad_files=`), each bad (epoch, file) is also recorded there exactly once (retried tasks do not
+double-count); the training loop reads `ray.get(counter.count.remote())` at every logging interval
+and logs the increase as its bad-file metric. `counter.summary.remote()` gives the paths and reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from pipelines.images import BadImage, eval_transform, file_rng, train_transform
+from pipelines.listing import Listing, list_split
+from pipelines.storage import read_bytes, uri_of
+
+if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
+    from xtra_core.config import XTRAConfig
+
+logger = logging.getLogger("xtra.data")
+
+ROWS_PER_BLOCK = 256  # file ids per Ray block = per decode task
+MAX_BLOCKS = 100_000  # beyond this, blocks grow instead (Ray plans one read task per block)
+FETCH_THREADS = 8  # concurrent reads per task (S3 GET latency), decoding stays on one core
+_ORDER_SALT = 0x0F11E5  # keeps the file-order stream apart from the per-file crop streams
+
+
+@ray.remote(num_cpus=0)
+class BadFileCounter:
+    """Bad files seen by the decode tasks: distinct (epoch, path) pairs and the latest reason."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[int, str]] = set()
+        self._reasons: dict[str, str] = {}
+
+    def add(self, epoch: int, items: list[tuple[str, str]]) -> int:
+        """Record `[(uri, reason), ...]` for `epoch`; returns the total count."""
+        for uri, reason in items:
+            self._seen.add((epoch, uri))
+            self._reasons[uri] = reason
+        return len(self._seen)
+
+    def count(self) -> int:
+        """Distinct (epoch, file) pairs skipped so far (monotonic: diff it per logging interval)."""
+        return len(self._seen)
+
+    def summary(self) -> dict[str, Any]:
+        """`{"count": int, "files": {uri: reason}}` with files sorted by URI."""
+        return {"count": len(self._seen), "files": dict(sorted(self._reasons.items()))}
+
+
+def bad_file_counter(name: str | None = None) -> ray.actor.ActorHandle:
+    """A new `BadFileCounter` actor (or, with `name`, the existing one of that name)."""
+    if name is None:
+        return BadFileCounter.remote()
+    return BadFileCounter.options(name=name, get_if_exists=True).remote()
+
+
+def epoch_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
+    """int64 [num_files]: the listing rows in the order epoch `epoch` reads them."""
+    return np.random.default_rng([seed, epoch, _ORDER_SALT]).permutation(num_files)
+
+
+@dataclass(frozen=True)
+class _DecodeSpec:
+    """What a decode task needs besides the listing (small, pickled into every task)."""
+
+    first_epoch: int
+    train: bool
+    image_size: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip_prob: float
+    max_image_pixels: int
+    seed: int
+    with_paths: bool
+
+
+def build_dataset(
+    cfg: XTRAConfig,
+    split: str,
+    epoch: int,
+    train: bool,
+    *,
+    num_epochs: int = 1,
+    listing: Listing | None = None,
+    bad_files: ray.actor.ActorHandle | None = None,
+    with_paths: bool = False,
+    first_row: int = 0,
+    num_rows: int | None = None,
+) -> ray.data.Dataset:
+    """A lazy, streaming dataset of epochs `epoch .. epoch + num_epochs - 1` of `split`.
+
+    Rows: `image` uint8 [S, S, 3] (S = cfg.model.image_size), `label` int64, and `path` (file URI)
+    if `with_paths`. `train=True`: a new file order and RandomResizedCrop + flip per epoch (Table 1,
+    from `cfg.data`); `train=False`: listing order, resize + centre crop. Pass a `listing` from
+    `pipelines.listing.list_split` to avoid listing the bucket again for every epoch, and a
+    `BadFileCounter` handle as `bad_files` to count skipped files (see the module doc).
+    """
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs={num_epochs} must be >= 1")
+    data = cfg.data
+    listing = listing if listing is not None else list_split(data, split)
+    spec = _DecodeSpec(
+        first_epoch=epoch,
+        train=train,
+        image_size=cfg.model.image_size,
+        crop_scale=tuple(data.crop_scale),
+        crop_ratio=tuple(data.crop_ratio),
+        hflip_prob=data.hflip_prob,
+        max_image_pixels=data.max_image_pixels,
+        seed=data.seed,
+        with_paths=with_paths,
+    )
+    listing_ref = ray.put((listing.table, listing.filesystem))
+    # rows: ids first_row .. first_row + total - 1 of the chain of epochs starting at `epoch`
+    # (pretraining resumes mid-epoch with first_row; num_rows may run past num_epochs)
+    total = len(listing) * num_epochs - first_row if num_rows is None else num_rows
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(total / ROWS_PER_BLOCK)))
+    ids = ray.data.range(total, override_num_blocks=blocks)
+    if first_row:
+        ids = ids.map_batches(_shift_ids, batch_format="numpy", fn_kwargs={"offset": first_row})
+    return ids.map_batches(
+        _decode_batch,
+        batch_format="numpy",
+        batch_size=None,  # a whole block (ROWS_PER_BLOCK ids) per call
+        fn_kwargs={"listing_ref": [listing_ref], "spec": spec, "bad_files": bad_files},
+    )
+
+
+# --------------------------------------------------------------------------- decode tasks
+
+_LISTINGS: OrderedDict[str, tuple[pa.Table, pafs.FileSystem]] = OrderedDict()
+_ORDERS: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+
+def _shift_ids(batch: dict[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
+    return {"id": batch["id"] + offset}
+
+
+def _cached_listing(ref: ray.ObjectRef) -> tuple[pa.Table, pafs.FileSystem]:
+    key = ref.hex()
+    if key not in _LISTINGS:
+        _LISTINGS[key] = ray.get(ref)  # zero-copy view of the object store
+        while len(_LISTINGS) > 2:
+            _LISTINGS.popitem(last=False)
+    return _LISTINGS[key]
+
+
+def _cached_order(ref: ray.ObjectRef, n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (ref.hex(), epoch)
+    if key not in _ORDERS:
+        _ORDERS[key] = epoch_order(n, seed, epoch)
+        while len(_ORDERS) > 2:
+            _ORDERS.popitem(last=False)
+    return _ORDERS[key]
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray],
+    listing_ref: list[ray.ObjectRef],
+    spec: _DecodeSpec,
+    bad_files: ray.actor.ActorHandle | None,
+) -> dict[str, np.ndarray]:
+    """Row ids [B] -> decoded images [B', S, S, 3] uint8 + labels [B'] (B' <= B: bad files dropped)."""
+    ref = listing_ref[0]
+    table, filesystem = _cached_listing(ref)
+    n = table.num_rows
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    epochs = spec.first_epoch + ids // n
+    rows = ids % n
+    if spec.train:
+        for e in np.unique(epochs):
+            sel = epochs == e
+            rows[sel] = _cached_order(ref, n, spec.seed, int(e))[rows[sel]]
+    paths = table.column("path").take(pa.array(rows)).to_pylist()
+    labels = table.column("label").to_numpy()[rows]
+
+    def fetch(path: str) -> bytes | Exception:
+        try:
+            return read_bytes(filesystem, path)
+        except Exception as e:  # missing file, network error: this file is bad, the run goes on
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(paths) or 1)) as pool:
+        contents = list(pool.map(fetch, paths))
+
+    size = spec.image_size
+    images: list[np.ndarray] = []
+    keep: list[int] = []
+    bad: dict[int, list[tuple[str, str]]] = {}
+    for i, (path, content) in enumerate(zip(paths, contents)):
+        epoch = int(epochs[i])
+        try:
+            if isinstance(content, Exception):
+                raise BadImage(f"cannot read: {type(content).__name__}: {str(content).splitlines()[0]}")
+            if spec.train:
+                image = train_transform(
+                    content,
+                    file_rng(spec.seed, epoch, path),
+                    size,
+                    spec.crop_scale,
+                    spec.crop_ratio,
+                    spec.hflip_prob,
+                    spec.max_image_pixels,
+                )
+            else:
+                image = eval_transform(content, size, spec.max_image_pixels)
+        except BadImage as e:
+            uri = uri_of(filesystem, path)
+            logger.warning("xtra data: skipped bad image %s (%s)", uri, e)
+            bad.setdefault(epoch, []).append((uri, str(e)))
+            continue
+        images.append(image)
+        keep.append(i)
+    if bad and bad_files is not None:
+        ray.get([bad_files.add.remote(e, items) for e, items in bad.items()])
+
+    out: dict[str, np.ndarray] = {
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "label": labels[keep].astype(np.int64),
+    }
+    if spec.with_paths:
+        out["path"] = np.array([uri_of(filesystem, paths[i]) for i in keep], dtype=object)
+    return out

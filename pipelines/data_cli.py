@@ -1,0 +1,272 @@
+"""`xtra data prepare` and `xtra data inspect`.
+
+prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<name>` (local or S3).
+  `--source fashion-mnist` reads Debian's `dataset-fashion-mnist` idx files
+  (`/usr/share/datasets/fashion-mnist/`, or `$XTRA_FASHION_MNIST_DIR`) into 28x28 grayscale PNGs
+  under class folders `0_t-shirt_top` .. `9_ankle_boot` (sorted names = the original label order).
+  `--source <folder or s3://...>` copies a class-folder or manifest dataset: JPEG and PNG files are
+  copied byte for byte, other formats re-encoded as PNG, files that do not decode are skipped and
+  reported; a source without split folders goes to `<dest>/train/`. `--limit N`: a seeded random
+  subsample of at most N images per split. Progress goes to stderr, a summary line to stdout.
+
+inspect: decode every file through the pipeline (`pipelines.data`, evaluation transform) on Ray and
+  print one JSON object on stdout: `images` (good images), `per_class` (class -> good images, over
+  all splits), `bad_files` (sorted URIs), and `splits` (split -> good images; "" for a root without
+  splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import posixpath
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from pipelines.errors import UserError
+from pipelines.images import BadImage, decode
+from pipelines.listing import Listing, list_every_split
+from pipelines.storage import Location, read_bytes, resolve, storage_error, uri_of, write_bytes
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "0_t-shirt_top",
+    "1_trouser",
+    "2_pullover",
+    "3_dress",
+    "4_coat",
+    "5_sandal",
+    "6_shirt",
+    "7_sneaker",
+    "8_bag",
+    "9_ankle_boot",
+)
+FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
+PREPARE_SEED = 0
+WRITE_THREADS = 8
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """`xtra data prepare --source ... --dest ... [--limit N] [--s3-endpoint URL]`."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give a positive number of images per split")
+    dest = resolve(args.dest, args.s3_endpoint)
+    if args.source == "fashion-mnist":
+        written, bad = _prepare_fashion_mnist(dest, args.limit, args.s3_endpoint), 0
+    else:
+        written, bad = _prepare_folder(args.source, dest, args.limit, args.s3_endpoint)
+    total = sum(written.values())
+    per_split = ", ".join(f"{s}: {n}" for s, n in written.items())
+    print(f"wrote {total} images to {args.dest} ({per_split}; {bad} bad files skipped)")
+    return 0
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An idx(.gz) file (MNIST format) -> uint8 array [N] (labels) or [N, H, W] (images)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read idx file: {e}") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise UserError(f"{path}: not a uint8 idx file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UserError(f"{path}: truncated idx file ({data.size} of {int(np.prod(dims))} values)")
+    return data.reshape(dims)
+
+
+def _subsample(n: int, limit: int | None) -> np.ndarray:
+    """Sorted indices of a seeded random subsample of at most `limit` of `n` items."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(PREPARE_SEED).permutation(n)[:limit])
+
+
+def _prepare_fashion_mnist(dest: Location, limit: int | None, endpoint: str | None) -> dict[str, int]:
+    src = os.environ.get("XTRA_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+    written: dict[str, int] = {}
+    for split, stem in FASHION_MNIST_FILES.items():
+        images_path = os.path.join(src, f"{stem}-images-idx3-ubyte.gz")
+        labels_path = os.path.join(src, f"{stem}-labels-idx1-ubyte.gz")
+        if not os.path.exists(images_path):
+            raise UserError(
+                f"{images_path}: missing; install the Debian package dataset-fashion-mnist "
+                "(or set XTRA_FASHION_MNIST_DIR)"
+            )
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if len(images) != len(labels):
+            raise UserError(f"{images_path}: {len(images)} images but {len(labels)} labels")
+        keep = _subsample(len(images), limit)
+
+        def jobs(split: str = split, images: np.ndarray = images, labels: np.ndarray = labels,
+                 keep: np.ndarray = keep) -> Iterator[tuple[str, Callable[[], bytes | None]]]:
+            for i in keep:
+                name = f"{split}/{FASHION_MNIST_CLASSES[labels[i]]}/{split}_{i:05d}.png"
+                yield name, lambda i=i, images=images: _png(images[i])
+
+        written[split] = _write_all(dest, split, len(keep), jobs(), endpoint)
+    return written
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _prepare_folder(
+    source: str, dest: Location, limit: int | None, endpoint: str | None
+) -> tuple[dict[str, int], int]:
+    from xtra_core.config import DataConfig
+
+    src_cfg = DataConfig(uri=source, s3_endpoint=endpoint)
+    splits = list_every_split(src_cfg)
+    written: dict[str, int] = {}
+    bad_total = 0
+    for split, listing in splits.items():
+        out_split = split or "train"
+        keep = _subsample(len(listing), limit)
+        paths = listing.table.column("path").to_pylist()
+        labels = listing.table.column("label").to_numpy()
+        names = _dest_names(listing, paths, labels, keep, out_split)
+        bad: list[str] = []
+        lock = threading.Lock()
+
+        def convert(path: str, listing: Listing = listing, bad: list[str] = bad,
+                    lock: threading.Lock = lock) -> bytes | None:
+            uri = uri_of(listing.filesystem, path)
+            try:
+                content = read_bytes(listing.filesystem, path)
+                img = decode(content, src_cfg.max_image_pixels)
+            except (BadImage, OSError) as e:
+                print(f"prepare: skipped bad image {uri} ({e})", file=sys.stderr)
+                with lock:
+                    bad.append(uri)
+                return None
+            if content[:3] == b"\xff\xd8\xff" or content[:8] == b"\x89PNG\r\n\x1a\n":
+                return content
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return buf.getvalue()
+
+        jobs = ((names[k], lambda p=paths[i]: convert(p)) for k, i in enumerate(keep))
+        written[out_split] = _write_all(dest, out_split, len(keep), jobs, endpoint)
+        written[out_split] -= len(bad)
+        bad_total += len(bad)
+    return written, bad_total
+
+
+def _dest_names(
+    listing: Listing, paths: list[str], labels: np.ndarray, keep: np.ndarray, split: str
+) -> list[str]:
+    """`<split>/<class>/<file name>` per kept file; PNG names for re-encoded files; no collisions."""
+    seen: set[str] = set()
+    names = []
+    for i in keep:
+        base = posixpath.basename(paths[i])
+        stem, ext = posixpath.splitext(base)
+        if ext.lower() not in (".jpg", ".jpeg", ".png"):
+            ext = ".png"
+        folder = split if labels[i] < 0 else f"{split}/{listing.class_name(int(labels[i]))}"
+        name, k = f"{folder}/{stem}{ext}", 1
+        while name in seen:
+            name, k = f"{folder}/{stem}_{k}{ext}", k + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _write_all(
+    dest: Location,
+    split: str,
+    total: int,
+    jobs: Iterator[tuple[str, Callable[[], bytes | None]]],
+    endpoint: str | None,
+) -> int:
+    """Run `(relative name, make bytes)` jobs on a thread pool, writing under `dest`; progress on
+    stderr every ~10%. Returns the number of jobs (a job returning None writes nothing)."""
+    step = max(1, total // 10)
+    done = 0
+
+    def run(job: tuple[str, Callable[[], bytes | None]]) -> None:
+        name, make = job
+        content = make()
+        if content is not None:
+            target = dest.join(name)
+            try:
+                write_bytes(target.filesystem, target.path, content)
+            except (OSError, ValueError) as e:
+                raise storage_error(target.uri, e, endpoint) from None
+
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        for _ in pool.map(run, jobs):
+            done += 1
+            if done % step == 0 or done == total:
+                print(f"prepare: {split} {done}/{total}", file=sys.stderr, flush=True)
+    return done
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """`xtra data inspect <uri> [--s3-endpoint URL]`: one JSON object on stdout."""
+    import ray
+
+    from pipelines.data import bad_file_counter, build_dataset
+    from xtra_core.config import XTRAConfig
+
+    cfg = XTRAConfig()
+    cfg.data.uri = args.uri
+    cfg.data.s3_endpoint = args.s3_endpoint
+    splits = list_every_split(cfg.data)  # fails fast, before Ray starts, on a bad URI
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    try:
+        counter = bad_file_counter()
+        per_class: dict[str, int] = {}
+        per_split: dict[str, int] = {}
+        for split, listing in splits.items():
+            ds = build_dataset(cfg, split, 0, train=False, listing=listing, bad_files=counter)
+            labels = ds.map_batches(_labels_only, batch_format="numpy")
+            counts: dict[int, int] = {}
+            for batch in labels.iter_batches(batch_size=4096, batch_format="numpy"):
+                for k, n in zip(*np.unique(batch["label"], return_counts=True)):
+                    counts[int(k)] = counts.get(int(k), 0) + int(n)
+            per_split[split] = sum(counts.values())
+            for k, n in sorted(counts.items()):
+                name = listing.class_name(k)
+                per_class[name] = per_class.get(name, 0) + n
+        summary = ray.get(counter.summary.remote())
+    finally:
+        if started:
+            ray.shutdown()
+    report = {
+        "images": sum(per_split.values()),
+        "per_class": dict(sorted(per_class.items())),
+        "bad_files": sorted(summary["files"]),
+        "splits": per_split,
+    }
+    print(json.dumps(report))
+    return 0
+
+
+def _labels_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"label": batch["label"]}

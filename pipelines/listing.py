@@ -1,0 +1,294 @@
+"""Which files make up a split, and their labels: metadata only, no image is opened here.
+
+Two layouts, on S3 or a local directory (`data.uri`):
+
+- class folders (ImageNet style): `<uri>/<split>/<class>/<name>.<ext>`; the class is the first folder
+  below the split (deeper folders belong to it). Files directly in `<uri>/<split>/` are unlabelled
+  (label -1). Only image extensions (`IMAGE_EXTENSIONS`, any case) are listed; hidden files
+  (`.DS_Store`, `._x.jpg`) and other files are ignored, not counted as bad.
+- a manifest, CSV or Parquet with a `path` column and optional `label` and `split` columns:
+  `data.uri` is the manifest itself (rows filtered by `split` if that column exists), or a directory
+  holding `<split>.csv` / `<split>.parquet`. Paths are relative to the manifest's folder, absolute
+  local paths (local manifests only) or `s3://` URIs; all images of one manifest live on one
+  filesystem. Labels are integers (kept) or class names; no label -> -1.
+
+Class index: class names sorted, taken from both the train and the test split (class folders or
+manifest labels), so that one class has the same index in every split. Rows are sorted by path
+(class folders) or kept in manifest order, so a listing is deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.errors import UserError
+from pipelines.storage import (
+    Location,
+    file_info,
+    is_s3_uri,
+    list_dirs,
+    list_files,
+    read_bytes,
+    resolve,
+    s3_filesystem,
+    storage_error,
+)
+
+if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
+    from xtra_core.config import DataConfig
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The files of one split.
+
+    table: columns `path` (string, a path on `filesystem`) and `label` (int64, -1 = unlabelled),
+    one row per file. `classes[i]` is the name of label i (empty for integer manifest labels).
+    """
+
+    uri: str
+    filesystem: pafs.FileSystem
+    table: pa.Table
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def class_counts(self) -> dict[str, int]:
+        """Files per class name (`str(label)` when there are no names, `unlabelled` for -1)."""
+        labels, counts = np.unique(self.table.column("label").to_numpy(), return_counts=True)
+        return {self.class_name(int(k)): int(n) for k, n in zip(labels, counts)}
+
+    def class_name(self, label: int) -> str:
+        if label == UNLABELLED:
+            return "unlabelled"
+        return self.classes[label] if label < len(self.classes) else str(label)
+
+
+def is_image_name(name: str) -> bool:
+    base = posixpath.basename(name)
+    return not base.startswith(".") and posixpath.splitext(base)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_manifest_uri(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def list_split(data: DataConfig, split: str) -> Listing:
+    """The listing of `split` under `data.uri` (class folders or manifest, see module doc).
+
+    Raises UserError naming the URI for a missing/empty prefix, a missing split, an unreachable
+    endpoint or refused credentials.
+    """
+    root = resolve(data.uri, data.s3_endpoint, data.s3_region)
+    if is_manifest_uri(data.uri):
+        return _manifest_listing(data, root, split=split, classes=None)
+    info = file_info(root, data.s3_endpoint)
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{data.uri}: does not exist (no such directory or prefix)")
+    if info.type == pafs.FileType.File:
+        raise UserError(
+            f"{data.uri}: is a file; give a directory with {split}/<class>/ folders or a "
+            ".csv/.parquet manifest"
+        )
+    splits = list_dirs(root, data.s3_endpoint)
+    if split in splits:
+        classes = _folder_classes(data, root)
+        return _folder_listing(root.join(split), data.s3_endpoint, classes)
+    manifest = _split_manifest(root, split, data.s3_endpoint)
+    if manifest is not None:
+        return _manifest_listing(data, manifest, split=None, classes=_manifest_classes(data, root))
+    raise UserError(
+        f"{data.uri}: no split {split!r}: expected {data.uri.rstrip('/')}/{split}/<class>/<image> "
+        f"or {data.uri.rstrip('/')}/{split}.csv; folders there: {splits or 'none'}"
+    )
+
+
+def list_every_split(data: DataConfig) -> dict[str, Listing]:
+    """Every split under `data.uri`, for `xtra data inspect`: `{split: Listing}`.
+
+    A root that has `data.train_split`/`data.test_split` folders (or manifests) gives those; a root
+    of class folders without splits, or a single manifest, gives one entry under the key "".
+    """
+    root = resolve(data.uri, data.s3_endpoint, data.s3_region)
+    if is_manifest_uri(data.uri):
+        return {"": _manifest_listing(data, root, split=None, classes=None)}
+    if file_info(root, data.s3_endpoint).type == pafs.FileType.NotFound:
+        raise UserError(f"{data.uri}: does not exist (no such directory or prefix)")
+    dirs = list_dirs(root, data.s3_endpoint)
+    named = [s for s in (data.train_split, data.test_split) if s in dirs]
+    manifests = {
+        s: m
+        for s in (data.train_split, data.test_split)
+        if s not in dirs and (m := _split_manifest(root, s, data.s3_endpoint)) is not None
+    }
+    if named or manifests:
+        out = {}
+        for s in named:
+            out[s] = _folder_listing(root.join(s), data.s3_endpoint, _folder_classes(data, root))
+        for s, m in manifests.items():
+            out[s] = _manifest_listing(data, m, split=None, classes=_manifest_classes(data, root))
+        return out
+    return {"": _folder_listing(root, data.s3_endpoint, tuple(dirs))}
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _folder_classes(data: DataConfig, root: Location) -> tuple[str, ...]:
+    names: set[str] = set()
+    for split in (data.train_split, data.test_split):
+        names.update(list_dirs(root.join(split), data.s3_endpoint))
+    return tuple(sorted(names))
+
+
+def _folder_listing(split_root: Location, endpoint: str | None, classes: tuple[str, ...]) -> Listing:
+    infos = list_files(split_root, endpoint)
+    base = split_root.path.rstrip("/") + "/"
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for info in sorted(infos, key=lambda i: i.path):
+        if not is_image_name(info.path) or not info.path.startswith(base):
+            continue
+        rel = info.path[len(base) :]
+        cls = rel.split("/", 1)[0] if "/" in rel else None
+        paths.append(info.path)
+        labels.append(UNLABELLED if cls is None else index.setdefault(cls, len(index)))
+    if not paths:
+        raise UserError(
+            f"{split_root.uri}: no image files there (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    if len(index) > len(classes):  # a class folder that list_dirs did not report (rare on S3)
+        extra = sorted(set(index) - set(classes))
+        raise UserError(f"{split_root.uri}: class folders changed while listing: {extra[:5]}")
+    table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
+    return Listing(split_root.uri, split_root.filesystem, table, classes)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _split_manifest(root: Location, split: str, endpoint: str | None) -> Location | None:
+    for ext in MANIFEST_EXTENSIONS:
+        loc = root.join(split + ext)
+        if file_info(loc, endpoint).type == pafs.FileType.File:
+            return loc
+    return None
+
+
+def _read_manifest(loc: Location, endpoint: str | None) -> pa.Table:
+    try:
+        data = read_bytes(loc.filesystem, loc.path)
+    except (OSError, ValueError) as e:
+        raise storage_error(loc.uri, e, endpoint) from None
+    try:
+        if loc.path.lower().endswith(".csv"):
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"path": pa.string(), "split": pa.string()}
+                ),
+            )
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"{loc.uri}: not a readable manifest: {str(e).splitlines()[0]}") from None
+    if "path" not in table.column_names:
+        raise UserError(f"{loc.uri}: manifest has no 'path' column (columns: {table.column_names})")
+    return table
+
+
+def _manifest_classes(data: DataConfig, root: Location) -> tuple[str, ...] | None:
+    """Sorted class names over the train and test manifests in `root` (None: integer labels)."""
+    names: set[str] = set()
+    for split in (data.train_split, data.test_split):
+        loc = _split_manifest(root, split, data.s3_endpoint)
+        if loc is None:
+            continue
+        table = _read_manifest(loc, data.s3_endpoint)
+        if "label" in table.column_names and pa.types.is_string(table.column("label").type):
+            names.update(v for v in table.column("label").to_pylist() if v is not None)
+    return tuple(sorted(names)) if names else None
+
+
+def _manifest_listing(
+    data: DataConfig, loc: Location, split: str | None, classes: tuple[str, ...] | None
+) -> Listing:
+    table = _read_manifest(loc, data.s3_endpoint)
+    labels_col = table.column("label") if "label" in table.column_names else None
+    string_labels = labels_col is not None and (
+        pa.types.is_string(labels_col.type) or pa.types.is_large_string(labels_col.type)
+    )
+    if string_labels and classes is None:  # names over the whole manifest, before the split filter
+        classes = tuple(sorted({v for v in labels_col.to_pylist() if v is not None}))
+    if split is not None and "split" in table.column_names:
+        table = table.filter(pc.equal(table.column("split"), split))
+    if table.num_rows == 0:
+        where = f" for split {split!r}" if split is not None and "split" in table.column_names else ""
+        raise UserError(f"{loc.uri}: manifest has no rows{where}")
+
+    raw_paths = table.column("path").to_pylist()
+    if any(p is None or p == "" for p in raw_paths):
+        raise UserError(f"{loc.uri}: manifest has empty 'path' values")
+    filesystem, paths = _manifest_paths(data, loc, raw_paths)
+
+    if labels_col is None:
+        labels = np.full(len(paths), UNLABELLED, dtype=np.int64)
+    elif string_labels:
+        index = {c: i for i, c in enumerate(classes or ())}
+        values = table.column("label").to_pylist()
+        unknown = sorted({v for v in values if v is not None and v not in index})
+        if unknown:
+            raise UserError(f"{loc.uri}: labels not in the class list: {unknown[:5]}")
+        labels = np.array([UNLABELLED if v is None else index[v] for v in values], dtype=np.int64)
+    else:
+        try:
+            labels = table.column("label").fill_null(UNLABELLED).cast(pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UserError(f"{loc.uri}: 'label' must hold integers or class names") from None
+    out = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
+    return Listing(loc.uri, filesystem, out, classes or ())
+
+
+def _manifest_paths(
+    data: DataConfig, manifest: Location, raw: list[str]
+) -> tuple[pafs.FileSystem, list[str]]:
+    """Manifest entries -> (one filesystem, paths on it)."""
+    kinds = {"s3" if is_s3_uri(p) else "abs" if p.startswith("/") else "rel" for p in raw}
+    if "s3" in kinds and kinds != {"s3"} and not (manifest.is_s3 and kinds == {"s3", "rel"}):
+        raise UserError(f"{manifest.uri}: paths mix s3:// URIs and local paths")
+    if "abs" in kinds and manifest.is_s3:
+        raise UserError(f"{manifest.uri}: an S3 manifest cannot hold absolute local paths")
+    base = posixpath.dirname(manifest.path)
+    if kinds <= {"s3", "rel"} and manifest.is_s3:
+        fs = manifest.filesystem
+    elif "s3" in kinds:
+        fs = s3_filesystem(data.s3_endpoint, data.s3_region)
+    else:
+        fs = manifest.filesystem
+    paths = []
+    for p in raw:
+        if is_s3_uri(p):
+            paths.append(p[len("s3://") :])
+        elif p.startswith("/"):
+            paths.append(posixpath.normpath(p))
+        else:
+            paths.append(posixpath.normpath(posixpath.join(base, p)))
+    return fs, paths
