@@ -11,9 +11,10 @@ training worker turns images into float [B, 3, H, W] with `pipelines.images.norm
 crosses the object store.
 
 How it streams. The listing (paths + labels, `pipelines.listing`) is put once into the object store.
-The dataset is `ray.data.range(num_epochs * N)` cut into blocks of `ROWS_PER_BLOCK` row ids; one
-fused Ray task per block maps each id to (epoch, position), position to a file through that epoch's
-permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
+The dataset is a window of row ids of the endless chain of epochs (id r = position r % N of epoch
+`epoch + r // N`; by default `num_epochs * N` ids from 0, or `num_rows` ids from `first_row` for a
+resumed run), a `ray.data.range` cut into blocks of `ROWS_PER_BLOCK` ids. One fused Ray task per
+block maps each id to (epoch, position), position to a file through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
 PIL (`pipelines.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
 
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
@@ -99,7 +100,8 @@ def epoch_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
 class _DecodeSpec:
     """What a decode task needs besides the listing (small, pickled into every task)."""
 
-    first_epoch: int
+    first_epoch: int  # the epoch of row id 0
+    first_row: int  # the row id of the dataset's first row
     train: bool
     image_size: int
     crop_scale: tuple[float, float]
@@ -130,13 +132,21 @@ def build_dataset(
     from `cfg.data`); `train=False`: listing order, resize + centre crop. Pass a `listing` from
     `pipelines.listing.list_split` to avoid listing the bucket again for every epoch, and a
     `BadFileCounter` handle as `bad_files` to count skipped files (see the module doc).
+
+    A window of the endless chain of epochs (row id r is position r % N of epoch `epoch` + r // N):
+    rows `first_row .. first_row + num_rows - 1`, by default to the end of epoch
+    `epoch + num_epochs - 1`. A resumed run starts at `first_row = step * global_batch_size`.
     """
-    if num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs} must be >= 1")
+    if num_epochs < 1 or first_row < 0:
+        raise ValueError(f"need num_epochs >= 1 and first_row >= 0, got {num_epochs}, {first_row}")
     data = cfg.data
     listing = listing if listing is not None else list_split(data, split)
+    total = len(listing) * num_epochs - first_row if num_rows is None else num_rows
+    if total < 1:
+        raise ValueError(f"empty window: first_row={first_row}, num_rows={num_rows}")
     spec = _DecodeSpec(
         first_epoch=epoch,
+        first_row=first_row,
         train=train,
         image_size=cfg.model.image_size,
         crop_scale=tuple(data.crop_scale),
@@ -147,14 +157,8 @@ def build_dataset(
         with_paths=with_paths,
     )
     listing_ref = ray.put((listing.table, listing.filesystem))
-    # rows: ids first_row .. first_row + total - 1 of the chain of epochs starting at `epoch`
-    # (pretraining resumes mid-epoch with first_row; num_rows may run past num_epochs)
-    total = len(listing) * num_epochs - first_row if num_rows is None else num_rows
     blocks = max(1, min(MAX_BLOCKS, math.ceil(total / ROWS_PER_BLOCK)))
-    ids = ray.data.range(total, override_num_blocks=blocks)
-    if first_row:
-        ids = ids.map_batches(_shift_ids, batch_format="numpy", fn_kwargs={"offset": first_row})
-    return ids.map_batches(
+    return ray.data.range(total, override_num_blocks=blocks).map_batches(
         _decode_batch,
         batch_format="numpy",
         batch_size=None,  # a whole block (ROWS_PER_BLOCK ids) per call
@@ -166,10 +170,6 @@ def build_dataset(
 
 _LISTINGS: OrderedDict[str, tuple[pa.Table, pafs.FileSystem]] = OrderedDict()
 _ORDERS: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-
-
-def _shift_ids(batch: dict[str, np.ndarray], offset: int) -> dict[str, np.ndarray]:
-    return {"id": batch["id"] + offset}
 
 
 def _cached_listing(ref: ray.ObjectRef) -> tuple[pa.Table, pafs.FileSystem]:
@@ -200,7 +200,7 @@ def _decode_batch(
     ref = listing_ref[0]
     table, filesystem = _cached_listing(ref)
     n = table.num_rows
-    ids = np.asarray(batch["id"], dtype=np.int64)
+    ids = spec.first_row + np.asarray(batch["id"], dtype=np.int64)  # row ids in the epoch chain
     epochs = spec.first_epoch + ids // n
     rows = ids % n
     if spec.train:
