@@ -13,8 +13,9 @@ crosses the object store.
 How it streams. The listing (paths + labels, `pipelines.listing`) is put once into the object store.
 The dataset is a window of row ids of the endless chain of epochs (id r = position r % N of epoch
 `epoch + r // N`; by default `num_epochs * N` ids from 0, or `num_rows` ids from `first_row` for a
-resumed run), a `ray.data.range` cut into blocks of `ROWS_PER_BLOCK` ids. One fused Ray task per
-block maps each id to (epoch, position), position to a file through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
+resumed run): a `ray.data.range` cut into blocks of `rows_per_block(image_size)` ids (~32 MiB of
+output each). One fused Ray task per block maps each id to (epoch, position), position to a file
+through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
 PIL (`pipelines.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
 
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
@@ -54,7 +55,8 @@ if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
 
 logger = logging.getLogger("xtra.data")
 
-ROWS_PER_BLOCK = 256  # file ids per Ray block = per decode task
+BLOCK_BYTES = 32 * 2**20  # decoded output per Ray block (= per decode task), ~32 MiB
+MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK = 64, 1024
 MAX_BLOCKS = 100_000  # beyond this, blocks grow instead (Ray plans one read task per block)
 FETCH_THREADS = 8  # concurrent reads per task (S3 GET latency), decoding stays on one core
 _ORDER_SALT = 0x0F11E5  # keeps the file-order stream apart from the per-file crop streams
@@ -157,13 +159,20 @@ def build_dataset(
         with_paths=with_paths,
     )
     listing_ref = ray.put((listing.table, listing.filesystem))
-    blocks = max(1, min(MAX_BLOCKS, math.ceil(total / ROWS_PER_BLOCK)))
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(total / rows_per_block(cfg.model.image_size))))
     return ray.data.range(total, override_num_blocks=blocks).map_batches(
         _decode_batch,
         batch_format="numpy",
-        batch_size=None,  # a whole block (ROWS_PER_BLOCK ids) per call
+        batch_size=None,  # a whole block (rows_per_block ids) per call
         fn_kwargs={"listing_ref": [listing_ref], "spec": spec, "bad_files": bad_files},
     )
+
+
+def rows_per_block(image_size: int) -> int:
+    """File ids per Ray block: ~BLOCK_BYTES of uint8 output, 64..1024 rows (1024 at 32 px, 222 at
+    224 px). Big enough to amortise the per-task cost, small enough to keep blocks in memory."""
+    rows = BLOCK_BYTES // (3 * image_size * image_size)
+    return int(min(MAX_ROWS_PER_BLOCK, max(MIN_ROWS_PER_BLOCK, rows)))
 
 
 # --------------------------------------------------------------------------- decode tasks

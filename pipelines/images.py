@@ -153,7 +153,7 @@ def crop_resize(img: Image.Image, box: CropBox, size: int) -> np.ndarray:
         x0, y0, x1, y1 = left, top, left + w, top + h
     # crop first, then resize: the filter sees only the crop (torchvision's semantics)
     out = rgb.crop((x0, y0, x1, y1)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(out, dtype=np.uint8)
+    return np.array(out, dtype=np.uint8)  # writable (np.asarray of a PIL image is read-only)
 
 
 def train_transform(

@@ -389,15 +389,24 @@ def test_reads_a_manifest_from_s3(ray_cluster, s3_server) -> None:
 
 @pytest.mark.slow
 def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
-    ray_cluster, s3_server, s3_dataset
+    ray_cluster, s3_server, s3_dataset, monkeypatch
 ) -> None:
+    from pipelines import data as data_module
     from pipelines.data import build_dataset, epoch_order
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
     e0 = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
     e0_again = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
     e1 = rows_by_path(build_dataset(cfg, "train", 1, train=True, with_paths=True))
-    # two epochs in one dataset are exactly epochs 0 and 1, whatever the block boundaries
+    # blocks of 3 files (5 decode tasks instead of 1): the same pixels
+    monkeypatch.setattr(data_module, "MIN_ROWS_PER_BLOCK", 3)
+    monkeypatch.setattr(data_module, "MAX_ROWS_PER_BLOCK", 3)
+    small_blocks = build_dataset(cfg, "train", 0, train=True, with_paths=True).materialize()
+    assert small_blocks.num_blocks() >= 5
+    for p, r in rows_by_path(small_blocks).items():
+        assert np.array_equal(r["image"], e0[p]["image"])
+    monkeypatch.undo()
+    # two epochs in one dataset are exactly epochs 0 and 1
     both = build_dataset(cfg, "train", 0, train=True, num_epochs=2, with_paths=True).take_all()
     assert Counter(r["path"] for r in both) == {p: 2 for p in e0}
     for r in both:
