@@ -1,0 +1,334 @@
+"""Probes: heads that learn where the answer is known, attention pooling shapes and masking, a
+frozen trunk, and the `xtra probe` job end to end (Ray Data + Tune + a real MLflow sqlite store)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import cli
+from pipelines.errors import UserError
+from pipelines.probe import (
+    check_labels,
+    encode_images,
+    freeze,
+    random_encoder,
+    split_listings,
+    state_checksum,
+)
+from xtra_core.config import ModelConfig, ProbeConfig, build_config
+from xtra_core.export import save_encoder
+from xtra_core.probes import (
+    AttentiveProbe,
+    LinearProbe,
+    ProbeTrainer,
+    build_probe,
+    evaluate,
+    topk_correct,
+)
+
+COLORS = [(230, 30, 30), (30, 200, 40), (40, 40, 230), (230, 220, 30), (30, 210, 220), (220, 40, 210)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one thread avoids oversubscription (10-50x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model_cfg() -> ModelConfig:
+    """16 px, patch 4 -> 4x4 tokens, 2x2 blocks of 2x2 patches; width 32, depth 3."""
+    return ModelConfig(
+        image_size=16, patch_size=4, block_size=2, encoder_width=32, encoder_depth=3,
+        encoder_heads=2, projection_hidden=64, decoder_width=32, decoder_depth=1,
+        decoder_heads=2, head_hidden=64,
+    )
+
+
+def make_color_dataset(root: Path, n_train: int, n_test: int, classes: int = 6) -> Path:
+    """`root/{train,test}/<class>/*.png`: noisy 20x20 images of one colour per class (separable)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                noise = rng.integers(-25, 26, size=(20, 20, 3))
+                img = np.clip(np.array(COLORS[c]) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+def clusters(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters: features [n, dim] around class means 4 sigma apart, labels [n]."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 4 / dim**0.5 * 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    return means[y] + torch.randn(n, dim, generator=g) * 0.5 + 7.0, y  # offset: BN must handle it
+
+
+def fit(probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, epochs: int,
+        cfg: ProbeConfig | None = None) -> None:
+    cfg = cfg or ProbeConfig()
+    steps = epochs * (len(y) // 32)
+    trainer = ProbeTrainer(probe, cfg, lr, steps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(32):
+            if len(idx) > 1:
+                trainer.step(x[idx], y[idx])
+
+
+# --------------------------------------------------------------------------- heads (pure torch)
+
+
+def test_linear_probe_reaches_high_accuracy_on_separable_features():
+    torch.manual_seed(0)
+    x, y = clusters(1200, 24, 8, seed=0)
+    xt, yt = clusters(400, 24, 8, seed=1)
+    probe = LinearProbe(24, 8)
+    before = evaluate(probe, [(xt, yt)], 8)["top1"]
+    fit(probe, x, y, lr=3e-3, epochs=8)
+    after = evaluate(probe, [(xt, yt)], 8)
+    assert before < 0.5 and after["top1"] > 0.97 and after["top5"] == 1.0
+
+
+def test_attentive_probe_finds_the_one_informative_token():
+    # class signal in ONE token at a random position; the other 15 tokens are pure noise
+    g = torch.Generator().manual_seed(0)
+    n, tokens, dim, classes = 1500, 16, 32, 4
+    means = torch.randn(classes, dim, generator=g) * 2
+
+    def data(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, classes, (m,), generator=g)
+        x = torch.randn(m, tokens, dim, generator=g)
+        where = torch.randint(0, tokens, (m,), generator=g)
+        x[torch.arange(m), where] = means[y] + 5.0 + 0.3 * torch.randn(m, dim, generator=g)
+        return x, y
+
+    x, y = data(n)
+    xt, yt = data(500)
+    torch.manual_seed(0)
+    probe = AttentiveProbe(dim, classes, heads=4)
+    fit(probe, x, y, lr=3e-3, epochs=10)
+    assert evaluate(probe, [(xt, yt)], classes)["top1"] > 0.95
+
+
+def test_attentive_pooling_shapes():
+    probe = AttentiveProbe(48, 7, heads=6)
+    x = torch.randn(5, 9, 48)
+    assert probe.pool(x).shape == (5, 48)
+    assert probe(x).shape == (5, 7)
+    assert build_probe("linear", 48, 7)(x).shape == (5, 7)
+    assert LinearProbe(48, 7)(x.mean(1)).shape == (5, 7)  # cached, already pooled features
+    with pytest.raises(ValueError, match="not divisible"):
+        AttentiveProbe(48, 7, heads=5)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_attentive_padding_keys_do_not_change_the_output(train_mode: bool):
+    torch.manual_seed(0)
+    probe = AttentiveProbe(16, 3, heads=2)
+    probe.train(train_mode)
+    # both samples see their own number of real tokens: 5 and 3, padded to 8 with garbage
+    real = [torch.randn(5, 16), torch.randn(3, 16)]
+    padded = torch.randn(2, 8, 16) * 100
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    for i, r in enumerate(real):
+        padded[i, : len(r)] = r
+        padding[i, : len(r)] = False
+    out = probe(padded, padding)  # [2, 3]
+    if not train_mode:  # eval: BatchNorm uses running stats, each sample stands alone
+        for i, r in enumerate(real):
+            assert torch.allclose(out[i], probe(r[None])[0], atol=1e-5)
+    # changing the padded tokens changes nothing (in training mode: not even the BN statistics)
+    garbage = padded.clone()
+    garbage[padding] = torch.randn(int(padding.sum()), 16) * 1e3
+    assert torch.allclose(probe(garbage, padding), out, atol=1e-5)
+    # a real token does change the output
+    moved = padded.clone()
+    moved[0, 0] += 5.0
+    assert not torch.allclose(probe(moved, padding)[0], out[0], atol=1e-4)
+    with pytest.raises(ValueError, match="every token"):
+        probe(padded, torch.ones(2, 8, dtype=torch.bool))
+
+
+def test_topk_correct_counts():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 1])
+    assert topk_correct(logits, labels, ks=(1, 2, 5)) == {1: 1, 2: 3}  # k=5 > C is skipped
+    assert "top5" not in evaluate(torch.nn.Identity(), [(logits, labels)], 3)
+
+
+def test_cosine_schedule_reaches_min_lr_and_clips_gradients():
+    cfg = ProbeConfig(min_lr=1e-5, grad_clip=0.5)
+    probe = LinearProbe(4, 2)
+    trainer = ProbeTrainer(probe, cfg, 1e-3, total_steps=10)
+    assert trainer.lr_at(0) == pytest.approx(1e-3)
+    assert trainer.lr_at(10) == pytest.approx(1e-5)
+    x, y = torch.randn(8, 4) * 1e4, torch.randint(0, 2, (8,))
+    trainer.step(x, y)
+    norm = torch.cat([p.grad.flatten() for p in probe.parameters()]).norm()
+    assert norm <= 0.5 + 1e-4
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert trainer.optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+def test_frozen_encoder_is_bit_identical_after_probe_training():
+    encoder = freeze(random_encoder(small_model_cfg(), seed=0))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    checksum = state_checksum(encoder)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    probe = AttentiveProbe(32, 3, heads=2)
+    trainer = ProbeTrainer(probe, ProbeConfig(), lr=1.0, total_steps=5)  # a huge LR
+    images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
+    for _ in range(5):
+        feats = encode_images(encoder, images, 2, (0.5,) * 3, (0.25,) * 3)  # [6, 16, 32]
+        assert feats.shape == (6, 16, 32) and not feats.requires_grad
+        trainer.step(feats, torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert all(p.grad is None for p in encoder.parameters())
+    assert state_checksum(encoder) == checksum
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_random_init_encoder_is_seeded():
+    a, b = random_encoder(small_model_cfg(), 3), random_encoder(small_model_cfg(), 3)
+    assert state_checksum(a) == state_checksum(b)
+    assert state_checksum(random_encoder(small_model_cfg(), 4)) != state_checksum(a)
+
+
+# --------------------------------------------------------------------------- splits and bad data
+
+
+def data_cfg(uri: Path, **probe):
+    return build_config("tiny", None, {"data.uri": str(uri), **{f"probe.{k}": v for k, v in probe.items()}})
+
+
+def test_val_split_is_seeded_carved_from_train_and_never_test(tmp_path):
+    root = make_color_dataset(tmp_path / "d", n_train=10, n_test=2, classes=3)
+    cfg = data_cfg(root, max_train_images=20, val_fraction=0.25)
+    s = split_listings(cfg)
+    train = set(s.train.table.column("path").to_pylist())
+    val = set(s.val.table.column("path").to_pylist())
+    test = set(s.test.table.column("path").to_pylist())
+    assert len(train) == 15 and len(val) == 5 and len(test) == 6 and s.num_classes == 3
+    assert not train & val and not (train | val) & test
+    assert all("/train/" in p for p in train | val)
+    again = split_listings(cfg)
+    assert set(again.val.table.column("path").to_pylist()) == val
+    other = split_listings(data_cfg(root, max_train_images=20, val_fraction=0.25, seed=1))
+    assert set(other.val.table.column("path").to_pylist()) != val
+
+
+def test_dataset_without_labels_is_a_clear_error(tmp_path):
+    root = tmp_path / "flat"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(root / split / f"{i}.png")
+    with pytest.raises(UserError, match="have no label"):
+        split_listings(data_cfg(root))
+    manifest = tmp_path / "m"
+    manifest.mkdir()
+    for split in ("train", "test"):
+        (manifest / f"{split}.csv").write_text("path\n" + "\n".join(
+            str(root / split / f"{i}.png") for i in range(3)) + "\n")
+    with pytest.raises(UserError, match="have no label"):
+        split_listings(data_cfg(manifest))
+
+
+def test_class_mismatch_between_splits_is_a_clear_error(tmp_path):
+    root = make_color_dataset(tmp_path / "d", n_train=2, n_test=2, classes=3)
+    extra = root / "test" / "zebra"
+    extra.mkdir()
+    Image.new("RGB", (8, 8)).save(extra / "0.png")
+    with pytest.raises(UserError, match=r"class mismatch.*only in test: \['zebra'\]"):
+        split_listings(data_cfg(root))
+    train, test = split_listings(data_cfg(make_color_dataset(tmp_path / "e", 2, 2, 3))).train, None
+    assert check_labels(train, train) == 3 and test is None
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_model_references_exit_2_with_one_line(tmp_path, capsys):
+    root = make_color_dataset(tmp_path / "d", 2, 2, 3)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    base = ["probe", "--data", str(root), "--set", f"mlflow.tracking_uri={db}"]
+    code, out, err = run_cli([*base, "--model", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "no such directory" in err and out == ""
+    code, _, err = run_cli(base, capsys)
+    assert code == 2 and "--random-init" in err
+    code, _, err = run_cli([*base, "--model", "models:/no-such-model/1"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("xtra: error:")]
+    assert code == 2 and len(errors) == 1 and "not found in the registry" in errors[0]
+
+
+# --------------------------------------------------------------------------- the job (Ray, MLflow)
+
+
+@pytest.mark.slow
+def test_probe_job_scores_land_in_mlflow_run_and_registry_tags(tmp_path, capsys, ray_cluster):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.registry import log_and_register_encoder
+
+    root = make_color_dataset(tmp_path / "colors", n_train=12, n_test=4)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(db)
+    mlflow.set_experiment("xtra")
+    encoder = random_encoder(small_model_cfg(), seed=7)  # stands in for a pretrained encoder
+    export = save_encoder(encoder.state_dict(), small_model_cfg(), tmp_path / "export")
+    weights_before = (export / "encoder.safetensors").read_bytes()
+    with mlflow.start_run() as run:
+        reg = log_and_register_encoder(export, "enc")
+    sets = [
+        "probe.epochs=3", "probe.lrs=[0.003,0.03]", "probe.batch_size=16", "probe.val_fraction=0.25",
+        "probe.attentive_last_n=2", f"mlflow.tracking_uri={db}", f"train.storage_path={tmp_path}/tune",
+    ]
+    args = ["probe", "--model", reg["model_uri"], "--data", str(root), "--kind", "both"]
+    code, out, err = run_cli([*args, *[a for s in sets for a in ("--set", s)]], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["kind"] for r in lines] == ["linear", "attentive"]
+    for r in lines:
+        assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["top5"] <= 1.0
+        assert r["top1"] >= 0.9, r  # one colour per class: separable even for a random trunk
+        assert r["best_lr"] in (0.003, 0.03) and set(r["val_top1_by_lr"]) == {"0.003", "0.03"}
+        assert (r["n_train"], r["n_val"], r["n_test"], r["num_classes"]) == (54, 18, 24, 6)
+    assert (export / "encoder.safetensors").read_bytes() == weights_before
+
+    client = MlflowClient(db)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    mv = client.get_model_version("enc", reg["version"])
+    for r in lines:
+        assert metrics[f"probe/{r['kind']}/top1"] == pytest.approx(r["top1"])
+        assert metrics[f"probe/{r['kind']}/top5"] == pytest.approx(r["top5"])
+        assert float(mv.tags[f"probe/{r['kind']}/top1"]) == pytest.approx(r["top1"], abs=1e-5)
+
+    # the random-init baseline lands beside it under its own prefix, overwriting nothing
+    code, out, err = run_cli([*args, "--random-init", "--kind", "linear",
+                              *[a for s in sets for a in ("--set", s)], "--set", "probe.lrs=[0.03]",
+                              "--set", "probe.epochs=2"],
+                             capsys)
+    assert code == 0, err
+    (rand,) = [json.loads(line) for line in out.strip().splitlines()]
+    assert rand["random_init"] is True and rand["kind"] == "linear"
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["probe_random/linear/top1"] == pytest.approx(rand["top1"])
+    assert metrics["probe/linear/top1"] == pytest.approx(lines[0]["top1"])
+    assert "probe_random/linear/top1" in client.get_model_version("enc", reg["version"]).tags
