@@ -11,6 +11,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -496,6 +498,35 @@ def test_dead_endpoint_fails_fast_naming_the_uri(aws_test_env) -> None:
     with pytest.raises(UserError, match=r"s3://bucket/prefix: cannot reach the S3 endpoint .*127\.0\.0\.1"):
         list_split(data, "train")
     assert time.monotonic() - start < 15
+
+
+@pytest.mark.slow
+def test_refused_credentials_are_one_clear_error(aws_test_env) -> None:
+    # a second moto server, in its own process, that checks credentials (none are known to it)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        data = DataConfig(uri="s3://bucket/prefix", s3_endpoint=f"http://127.0.0.1:{port}")
+        with pytest.raises(UserError, match="s3://bucket/prefix: access refused") as e:
+            list_split(data, "train")
+        assert "testing" not in str(e.value)  # the (fake) key is never echoed
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @pytest.mark.slow
