@@ -30,12 +30,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
 from pipelines.errors import UserError
 from pipelines.images import BadImage, decode
 from pipelines.listing import Listing, list_every_split
-from pipelines.storage import Location, read_bytes, resolve, storage_error, uri_of, write_bytes
+from pipelines.storage import (
+    Location,
+    file_info,
+    read_bytes,
+    resolve,
+    storage_error,
+    uri_of,
+    write_bytes,
+)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -63,6 +72,11 @@ def prepare(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: give a positive number of images per split")
     dest = resolve(args.dest, args.s3_endpoint)
+    if dest.is_s3:  # fail before any work: the bucket must exist and be reachable
+        bucket = dest.path.split("/", 1)[0]
+        if file_info(Location(dest.filesystem, bucket, f"s3://{bucket}"), args.s3_endpoint).type \
+                == pafs.FileType.NotFound:
+            raise UserError(f"{args.dest}: the bucket s3://{bucket} does not exist")
     if args.source == "fashion-mnist":
         written, bad = _prepare_fashion_mnist(dest, args.limit, args.s3_endpoint), 0
     else:
