@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.config import LoggingConfig
 
 from pipelines import tracking
+from pipelines.data import bad_file_counter
 from pipelines.errors import UserError
 from pipelines.images import normalize
 from pipelines.train_stream import TrainStream, build_train_stream
@@ -89,8 +92,11 @@ def lr_lambda(cfg: XTRAConfig, total_steps: int, steps_per_epoch: int):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (torch.distributed is already initialised by Ray)."""
+    import warnings
+
     import deepspeed
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = config_from_dict(loop_config["config"])
     plan = RunPlan(**loop_config["plan"])
     ctx = ray.train.get_context()
@@ -114,11 +120,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.compile()
 
     step = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
         step = int(client_state["step"])
+    resumed_from = step
     if step < plan.start_step:
         raise RuntimeError(
             f"checkpoint step {step} is older than the run's start step {plan.start_step}"
@@ -155,11 +162,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step % cfg.train.log_every == 0 or do_ckpt:
             metrics = log.reduce(world, device)
             metrics["bad_files"] = bad_files.since_last()
+            metrics["optimizer_state_mb"] = optimizer_state_bytes(engine) / 2**20  # this rank
             metrics.update(
                 step=step,
                 epoch=step * cfg.train.global_batch_size // plan.rows_per_epoch,
                 lr=scheduler.get_last_lr()[0],
                 total_steps=plan.total_steps,
+                resumed_from_step=resumed_from,
             )
             if do_ckpt:
                 with tempfile.TemporaryDirectory() as d:
@@ -178,6 +187,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"the data stream ended at step {step} before step {plan.stop_step}: "
             f"rank {rank} got fewer batches than planned"
         )
+
+
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes this rank holds for the optimiser: the (master) parameters it updates plus their
+    AdamW moments. Stage 0 holds all of them; ZeRO 1-3 hold a 1/N partition."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):  # unwrap ZeRO / bf16 wrappers down to torch's AdamW
+        opt = opt.optimizer
+    seen: set[int] = set()
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            tensors = [p, *(v for v in opt.state.get(p, {}).values() if torch.is_tensor(v))]
+            for t in tensors:
+                if id(t) not in seen and t.numel() > 1:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
 
 
 class BadFileDelta:
@@ -265,7 +292,8 @@ class ProgressAndTracking(UserCallback):
             flush=True,
         )
         if self.run_id:
-            tracking.log_step_metrics(self.uri, self.run_id, m, step)
+            per_rank = {f"optimizer_state_mb/rank{i}": r.get("optimizer_state_mb", 0.0) for i, r in enumerate(metrics)}
+            tracking.log_step_metrics(self.uri, self.run_id, {**m, **per_rank}, step)
 
 
 def _fmt_s(s: float) -> str:
@@ -290,7 +318,7 @@ def plan_run(cfg: XTRAConfig, num_images: int, start_step: int) -> RunPlan:
             f"run {t.run_name!r} already reached step {start_step} of {stop}; nothing to train"
         )
     return RunPlan(total, steps_per_epoch, num_images, start_step, stop,
-                   bad_files_actor=f"xtra-bad-files-{t.run_name}")
+                   bad_files_actor=f"xtra-bad-files-{t.run_name}-{uuid.uuid4().hex[:8]}")
 
 
 def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
@@ -311,7 +339,8 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     start_step = latest_checkpoint_step(storage, run_name, cfg)
     plan = plan_run(cfg, stream.num_images, start_step)
     rows = (plan.stop_step - plan.start_step) * cfg.train.global_batch_size
-    dataset = stream.dataset(first_row=plan.start_step * cfg.train.global_batch_size, num_rows=rows)
+    bad_files = bad_file_counter(plan.bad_files_actor)  # held by the driver for the whole fit
+    dataset = stream.dataset(plan.start_step * cfg.train.global_batch_size, rows, bad_files)
 
     run_id = tracking.start_or_resume_run(uri, cfg, run_name)
     model = build_model(cfg.model)
@@ -339,6 +368,7 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[ProgressAndTracking(run_id, uri, plan)],
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
     )
@@ -393,7 +423,11 @@ def export_and_register(
 ) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = consolidate_encoder(d)
-    export_dir = Path(tempfile.mkdtemp(prefix="xtra-export-"))
+    storage = cfg.train.storage_path or ""
+    if "://" in storage:  # remote run storage: export locally; MLflow keeps the durable copy
+        export_dir = Path(tempfile.mkdtemp(prefix="xtra-export-"))
+    else:
+        export_dir = Path(storage, str(cfg.train.run_name), "encoder_export")
     save_encoder(state, cfg.model, export_dir, extra={"run_name": cfg.train.run_name})
     info = tracking.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
     print(f"[xtra] encoder registered as {info['model_uri']}", flush=True)

@@ -56,10 +56,10 @@ def _pyfunc_class() -> type:
     class XTRAEncoderModel(mlflow.pyfunc.PythonModel):
         """pyfunc wrapper: float32 images [B, C, H, W] (normalised) -> mean token feature [B, D]."""
 
-        def load_context(self, context: Any) -> None:
+        def load_context(self, context) -> None:  # noqa: ANN001
             self.encoder = load_export(context.artifacts[EXPORT_ARTIFACT])
 
-        def predict(self, context: Any, model_input: Any, params: dict | None = None) -> np.ndarray:
+        def predict(self, context, model_input, params=None):  # noqa: ANN001 (mlflow reads hints)
             import torch
 
             x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

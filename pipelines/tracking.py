@@ -83,10 +83,9 @@ def log_step_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    keys = ("loss", "lr", "images_per_s", "bad_files", "epoch")
-    _client(uri).log_batch(
-        run_id, metrics=[Metric(k, float(metrics[k]), now, step) for k in keys if k in metrics]
-    )
+    keys = ("loss", "lr", "images_per_s", "bad_files", "epoch", "resumed_from_step")
+    chosen = [k for k in metrics if k in keys or k.startswith("optimizer_state_mb/")]
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(metrics[k]), now, step) for k in chosen])
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import ray
 
 from pipelines import storage
-from pipelines.data import bad_file_counter, build_dataset
+from pipelines.data import build_dataset
 from pipelines.listing import Listing, list_split
 from xtra_core.config import XTRAConfig
 
@@ -26,13 +26,16 @@ SPARE_FRACTION = 0.02
 class TrainStream:
     cfg: XTRAConfig
     listing: Listing
-    bad_files_actor: str
 
     @property
     def num_images(self) -> int:
         return len(self.listing)
 
-    def dataset(self, first_row: int, num_rows: int) -> ray.data.Dataset:
+    def dataset(
+        self, first_row: int, num_rows: int, bad_files: ray.actor.ActorHandle | None = None
+    ) -> ray.data.Dataset:
+        """Rows first_row .. first_row + num_rows (+ a spare margin); skipped files are recorded in
+        the `bad_files` counter actor (`pipelines.data.BadFileCounter`)."""
         spare = int(num_rows * SPARE_FRACTION) + 2 * self.cfg.train.global_batch_size
         return build_dataset(
             self.cfg,
@@ -40,7 +43,7 @@ class TrainStream:
             epoch=0,
             train=True,
             listing=self.listing,
-            bad_files=bad_file_counter(self.bad_files_actor),
+            bad_files=bad_files,
             first_row=first_row,
             num_rows=num_rows + spare,
         )
@@ -56,7 +59,7 @@ class TrainStream:
 
 def build_train_stream(cfg: XTRAConfig) -> TrainStream:
     listing = list_split(cfg.data, cfg.data.train_split)
-    return TrainStream(cfg, listing, bad_files_actor=f"xtra-bad-files-{cfg.train.run_name}")
+    return TrainStream(cfg, listing)
 
 
 

@@ -1,0 +1,243 @@
+"""Pretraining on a real local Ray cluster with real DeepSpeed engines (gloo, CPU) and MLflow.
+
+A small XTRA (16 px Fashion-MNIST, 2x2 blocks) keeps each run to seconds of compute; every test
+checks a behaviour: loss goes down, state is sharded, resume continues the curve, a killed worker
+is replaced, the registered encoder gives the trained features.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipelines import pretrain
+from pipelines.cli import main as cli_main
+from pipelines.errors import UserError
+from pipelines.registry import load_encoder
+from xtra_core.config import build_config
+from xtra_core.model import build_model
+
+pytestmark = pytest.mark.slow
+
+SMALL_MODEL = {
+    "model.image_size": 16, "model.patch_size": 4, "model.block_size": 2,
+    "model.encoder_width": 64, "model.encoder_depth": 2, "model.encoder_heads": 2,
+    "model.projection_hidden": 128, "model.decoder_width": 64, "model.decoder_depth": 1,
+    "model.decoder_heads": 2, "model.head_hidden": 128,
+}
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory) -> str:
+    """64 train / 32 test real Fashion-MNIST images in the class-folder layout."""
+    dest = tmp_path_factory.mktemp("fmnist")
+    assert cli_main(["data", "prepare", "--source", "fashion-mnist", "--dest", str(dest), "--limit", "64"]) == 0
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def one_image(fmnist, tmp_path_factory) -> str:
+    """48 copies of one Fashion-MNIST image: with no crop or flip, every batch is the same, so
+    the loss curve depends only on the model/optimiser/schedule state, not on the data order."""
+    src = sorted(Path(fmnist, "train").rglob("*.png"))[0].read_bytes()
+    dest = tmp_path_factory.mktemp("one_image")
+    (dest / "train" / "c0").mkdir(parents=True)
+    for i in range(48):
+        (dest / "train" / "c0" / f"{i:03d}.png").write_bytes(src)
+    return str(dest)
+
+
+DETERMINISTIC_AUG = {"data.crop_scale": [1.0, 1.0], "data.crop_ratio": [1.0, 1.0], "data.hflip_prob": 0.0}
+
+
+def make_cfg(tmp_path: Path, data: str, name: str, **sets):
+    dotted = {
+        **SMALL_MODEL,
+        "data.uri": data,
+        "train.global_batch_size": 16,
+        "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5,
+        "train.zero_stage": 2,
+        "train.max_steps": 8,
+        "train.warmup_steps": 2,
+        "train.lr": 3e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.run_name": name,
+        "train.storage_path": str(tmp_path / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "mlflow.experiment": "test",
+        "mlflow.registered_model": f"enc-{name}",
+    }
+    dotted.update(sets)
+    return build_config("tiny", None, dotted)
+
+
+def history(cfg, run_id: str, key: str) -> dict[int, float]:
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_zero_stages_shard_optimizer_state_and_loss_goes_down(ray_cluster, fmnist, tmp_path):
+    state_mb = {}
+    for stage in (0, 3, 2):
+        cfg = make_cfg(tmp_path, fmnist, f"zero{stage}", **{"train.zero_stage": stage, "train.max_steps": 10})
+        out = pretrain.run_pretraining(cfg)
+        loss = history(cfg, out["run_id"], "loss")
+        assert sorted(loss) == list(range(1, 11))
+        first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (9, 10)) / 2
+        assert last < 0.8 * first, (stage, loss)
+        state_mb[stage] = [history(cfg, out["run_id"], f"optimizer_state_mb/rank{r}")[10] for r in (0, 1)]
+    full = state_mb[0][0]
+    assert state_mb[0][1] == pytest.approx(full)  # stage 0: every rank holds everything
+    for stage in (2, 3):
+        for rank_mb in state_mb[stage]:
+            assert rank_mb <= 1.1 * full / 2, (stage, state_mb)  # ~1/N of stage 0 per rank
+
+
+def test_resume_by_run_name_continues_the_same_curve(ray_cluster, one_image, tmp_path):
+    full_cfg = make_cfg(tmp_path, one_image, "uninterrupted", **DETERMINISTIC_AUG)
+    full = pretrain.run_pretraining(full_cfg)
+    ref_loss, ref_lr = history(full_cfg, full["run_id"], "loss"), history(full_cfg, full["run_id"], "lr")
+    assert ref_loss[8] < 0.5 * ref_loss[1]
+
+    first = make_cfg(tmp_path, one_image, "interrupted", **DETERMINISTIC_AUG, **{"train.stop_at_step": 4})
+    out1 = pretrain.run_pretraining(first)
+    assert out1["step"] == 4 and "model_uri" not in out1  # stopped early: nothing registered yet
+
+    again = make_cfg(tmp_path, one_image, "interrupted", **DETERMINISTIC_AUG)  # same command, no stop
+    out2 = pretrain.run_pretraining(again)
+    assert out2["run_id"] == out1["run_id"]  # the same MLflow run goes on
+    loss, lr = history(again, out2["run_id"], "loss"), history(again, out2["run_id"], "lr")
+    assert sorted(loss) == list(range(1, 9))
+    assert history(again, out2["run_id"], "resumed_from_step")[5] == 4
+    for step in range(1, 9):  # weights, AdamW moments, schedule and step all came back
+        assert lr[step] == pytest.approx(ref_lr[step], rel=1e-9)
+        assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4), step
+    assert "model_uri" in out2
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, fmnist, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = make_cfg(
+        tmp_path, fmnist, "fault",
+        **{"train.max_steps": 16, "train.checkpoint_every": 3, "train.max_failures": 2},
+    )
+    ckpt_dir = tmp_path / "runs" / "fault" / "checkpoint_step000000003"
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (ckpt_dir / pretrain.STATE_FILE).exists():
+            time.sleep(0.2)
+        time.sleep(1.0)
+        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
+        if workers:
+            os.kill(workers[-1].pid, 9)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    out = pretrain.run_pretraining(cfg)
+    killer.join(timeout=5)
+    assert killed, "the test did not kill a worker"
+    assert out["step"] == 16 and "model_uri" in out
+    resumed = history(cfg, out["run_id"], "resumed_from_step")
+    restarts = sorted({int(v) for v in resumed.values()} - {0})
+    assert restarts and restarts[0] >= 3  # restarted from a checkpoint, not from scratch
+    assert sorted(history(cfg, out["run_id"], "loss"))[-1] == 16
+
+
+def test_registered_encoder_loads_back_with_the_trained_weights(ray_cluster, fmnist, tmp_path):
+    cfg = make_cfg(tmp_path, fmnist, "registry", **{"train.max_steps": 4})
+    out = pretrain.run_pretraining(cfg)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.image_size"] == "16"
+    assert not any("secret" in k.lower() for k in run.data.params)
+    assert {"loss", "lr", "images_per_s", "bad_files"} <= set(run.data.metrics)
+
+    # the trained module weights, read from rank 0's DeepSpeed file (not through zero_to_fp32)
+    module = torch.load(
+        Path(out["checkpoint"]) / pretrain.DS_TAG / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(module)
+    encoder = load_encoder(out["model_uri"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), model.encode(x), atol=1e-6)
+        fresh = build_model(cfg.model).eval()
+        assert not torch.allclose(encoder(x), fresh.encode(x), atol=1e-3)
+    pyfunc = mlflow.pyfunc.load_model(out["model_uri"])
+    assert pyfunc.predict(x.numpy()).shape == (3, 64)
+
+
+def test_unreachable_tracking_server_fails_before_any_compute(tmp_path, fmnist):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_cfg(tmp_path, fmnist, "nope", **{"mlflow.tracking_uri": f"http://127.0.0.1:{port}"})
+    t0 = time.time()
+    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+        pretrain.run_pretraining(cfg)
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "runs" / "nope").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_pretrain_from_s3_into_an_mlflow_server(ray_cluster, s3_server, fmnist, mlflow_server, tmp_path):
+    bucket = s3_server.make_bucket("pretrain")
+    for path in Path(fmnist).rglob("*.png"):
+        s3_server.put(f"s3://{bucket}/fm/{path.relative_to(fmnist)}", path.read_bytes())
+    cfg = make_cfg(
+        tmp_path, f"s3://{bucket}/fm", "s3run",
+        **{"train.max_steps": 3, "data.s3_endpoint": s3_server.endpoint, "mlflow.tracking_uri": mlflow_server},
+    )
+    out = pretrain.run_pretraining(cfg)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert [m.step for m in client.get_metric_history(out["run_id"], "loss")] == [1, 2, 3]
+    mlflow.set_tracking_uri(mlflow_server)
+    version = client.get_model_version(cfg.mlflow.registered_model, out["version"])
+    assert version.run_id == out["run_id"]
+    assert load_encoder(out["model_uri"])(torch.randn(1, 3, 16, 16)).shape == (1, 16, 64)
