@@ -46,6 +46,7 @@ import math
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,7 +455,7 @@ def tune_probe(setup: TrialSetup, storage_path: str) -> tuple[dict[str, Any], di
         param_space={"lr": tune.grid_search(list(setup.cfg.probe.lrs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"probe-{setup.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{id(setup) % 10_000:04d}",
+            name=f"probe-{setup.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path,
             verbose=0,
         ),
