@@ -47,6 +47,10 @@ class ModelConfig:
     norm_pix_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     compile: bool = False  # torch.compile the model (pipelines apply it)
+    # block-causal attention kernel: "sdpa" = scaled_dot_product_attention with the cached dense
+    # bool mask; "flex" = FlexAttention with a BlockMask (block-sparse; GPU for training, since
+    # torch has no FlexAttention backward on CPU: CPU training falls back to "sdpa")
+    attention: str = "sdpa"
 
     @property
     def grid(self) -> int:
@@ -101,6 +105,7 @@ class ModelConfig:
                 )
         _choice("model.loss", self.loss, ("l2", "l1"))
         _choice("model.block_order", self.block_order, ("raster", "random"))
+        _choice("model.attention", self.attention, ("sdpa", "flex"))
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"model.drop_path={self.drop_path} must be in [0, 1)")
 

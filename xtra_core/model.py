@@ -6,17 +6,49 @@ p patch size, D encoder width, Dd decoder width, P = C*(k*p)**2 pixel values per
 
 The token sequence is kept in block-major order (see `masks.py`): the block-causal mask is
 causal at block granularity, and the tokens of block i are rows i*k*k .. (i+1)*k*k - 1.
+Two consequences the training step uses: the mask is a cheap block-sparse pattern (a FlexAttention
+`BlockMask` with `model.attention="flex"`), and the last block, which no later token attends to
+and which has no block after it to predict, is dropped from the sequence in `loss` (exactly).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from xtra_core.config import ModelConfig, XTRAConfig, preset
 from xtra_core.masks import block_major_permutation, block_order, blockify
+
+AttnMask = torch.Tensor | BlockMask | None  # dense bool [N, N] (SDPA) or a BlockMask (flex)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled once per process: without torch.compile it materialises the whole
+    score matrix (an unfused reference implementation) and has no speed advantage."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_trains_on(device: torch.device) -> bool:
+    """FlexAttention has a backward pass on GPU only (torch 2.13: CPU is forward/inference only)."""
+    return device.type != "cpu"
+
+
+def block_causal_block_mask(num_tokens: int, block_tokens: int, device: torch.device) -> BlockMask:
+    """The block-causal mask over `num_tokens` block-major tokens as a FlexAttention BlockMask:
+    query q may attend to key kv iff kv's block (kv // block_tokens) is not after q's block."""
+
+    def block_causal(_b, _h, q_idx, kv_idx):  # FlexAttention mask_mod signature
+        return kv_idx // block_tokens <= q_idx // block_tokens
+
+    return create_block_mask(block_causal, None, None, num_tokens, num_tokens, device=device)
+
 
 # --------------------------------------------------------------------------- transformer parts
 
@@ -43,12 +75,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, N, dim]; attn_mask: bool [N, N], True where query may attend to key."""
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
+        """x: [B, N, dim]; attn_mask: bool [N, N], True where query may attend to key (SDPA), or
+        a FlexAttention BlockMask of the same pattern (fused block-sparse kernel)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, d_head]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if isinstance(attn_mask, BlockMask):
+            x = compiled_flex_attention()(q, k, v, block_mask=attn_mask)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
@@ -74,7 +110,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: AttnMask = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -82,7 +118,7 @@ class Block(nn.Module):
 def run_blocks(
     blocks: nn.ModuleList,
     x: torch.Tensor,
-    attn_mask: torch.Tensor,
+    attn_mask: AttnMask,
     use_checkpointing: bool,
     keep_last: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -109,6 +145,9 @@ class Layout(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         k2 = cfg.block_size**2
+        self.block_tokens = k2
+        self.attention = cfg.attention
+        self._block_masks: dict[tuple[int, str], BlockMask] = {}  # (tokens, device) -> BlockMask
         with torch.device("cpu"):  # real values even when the model is built on "meta"
             order = block_order(cfg.num_blocks, cfg.block_order, cfg.order_seed)  # [K]
             perm = block_major_permutation(cfg.grid, cfg.block_size, order)  # [N] raster idx/slot
@@ -120,6 +159,26 @@ class Layout(nn.Module):
         self.register_buffer(
             "attn_mask", slot_block[None, :] <= slot_block[:, None], persistent=False
         )
+
+    def mask(self, num_tokens: int, device: torch.device) -> AttnMask:
+        """The block-causal mask over the first `num_tokens` block-major tokens, for the
+        configured attention kernel: a cached BlockMask ("flex") or a view of the dense bool mask
+        [num_tokens, num_tokens] ("sdpa", and "flex" when training on CPU, which has no
+        FlexAttention backward)."""
+        if self.attention == "flex":
+            if flex_trains_on(device) or not torch.is_grad_enabled():
+                key = (num_tokens, str(device))
+                if key not in self._block_masks:
+                    self._block_masks[key] = block_causal_block_mask(
+                        num_tokens, self.block_tokens, device
+                    )
+                return self._block_masks[key]
+            warnings.warn(
+                "model.attention='flex' has no backward pass on CPU in this torch; "
+                "training on CPU uses SDPA with the dense block-causal mask (same maths)",
+                stacklevel=2,
+            )
+        return self.attn_mask[:num_tokens, :num_tokens]
 
 
 # --------------------------------------------------------------------------- encoder / decoder
@@ -146,20 +205,21 @@ class Encoder(nn.Module):
     def width(self) -> int:
         return self.cfg.encoder_width
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] -> tokens [B, N, D] in block-major order (pos embed permuted too)."""
+    def embed(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """images [B, C, H, W] -> the first `num_tokens` (default all N) tokens in block-major
+        order, [B, num_tokens, D] (pos embed permuted too)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D] raster
         x = x + self.pos_embed
-        return x[:, self.layout.perm]
+        return x[:, self.layout.perm[:num_tokens]]
 
     def forward_sequence(
-        self, images: torch.Tensor, keep_last: int = 0
+        self, images: torch.Tensor, keep_last: int = 0, num_tokens: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """-> (final-normed tokens [B, N, D] block-major, outputs of the last `keep_last` blocks)."""
-        x = self.embed(images)
-        x, kept = run_blocks(
-            self.blocks, x, self.layout.attn_mask, self.cfg.activation_checkpointing, keep_last
-        )
+        """-> (final-normed tokens [B, n, D] block-major, outputs of the last `keep_last` blocks);
+        n = `num_tokens` (default all N): a prefix of whole blocks is exact under the mask."""
+        x = self.embed(images, num_tokens)
+        mask = self.layout.mask(x.shape[1], x.device)
+        x, kept = run_blocks(self.blocks, x, mask, self.cfg.activation_checkpointing, keep_last)
         return self.norm(x), kept
 
     def forward(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
@@ -186,9 +246,11 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """x: [B, N, Dd] block-major -> [B, N, Dd] block-major."""
-        x = x + self.pos_embed[:, layout.perm]
-        x, _ = run_blocks(self.blocks, x, layout.attn_mask, self.cfg.activation_checkpointing)
+        """x: [B, n, Dd] block-major (the first n <= N tokens) -> [B, n, Dd] block-major."""
+        n = x.shape[1]
+        x = x + self.pos_embed[:, layout.perm[:n]]
+        mask = layout.mask(n, x.device)
+        x, _ = run_blocks(self.blocks, x, mask, self.cfg.activation_checkpointing)
         return self.norm(x)
 
 
@@ -226,12 +288,16 @@ class XTRA(nn.Module):
     def layout(self) -> Layout:
         return self.encoder.layout
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, C, H, W] -> decoder output grouped by block [B, K, k*k*Dd], model order."""
-        x, _ = self.encoder.forward_sequence(images)  # [B, N, D]
-        x = self.decoder(self.projection(x), self.layout)  # [B, N, Dd]
-        b, n, d = x.shape
-        return x.reshape(b, self.cfg.num_blocks, n // self.cfg.num_blocks * d)
+    def forward_features(self, images: torch.Tensor, drop_last_block: bool = False) -> torch.Tensor:
+        """images [B, C, H, W] -> decoder output grouped by block [B, K', k*k*Dd], model order;
+        K' = K, or K - 1 with `drop_last_block` (its row predicts nothing, and under the
+        block-causal mask no other token sees it, so the other rows are unchanged)."""
+        k2 = self.cfg.block_size**2
+        n = self.cfg.num_patches - (k2 if drop_last_block else 0)
+        x, _ = self.encoder.forward_sequence(images, num_tokens=n)  # [B, n, D]
+        x = self.decoder(self.projection(x), self.layout)  # [B, n, Dd]
+        b, _, d = x.shape
+        return x.reshape(b, n // k2, k2 * d)
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """Per-block-normalised target pixels in model block order: [B, K, P]."""
@@ -241,11 +307,12 @@ class XTRA(nn.Module):
         return (t - mean) / (var + self.cfg.norm_pix_eps) ** 0.5
 
     def forward_loss(self, preds: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """preds[j]: [B, K, P] from head j, row i predicting block i+1+j; target [B, K, P].
+        """preds[j]: [B, K or K-1, P] from head j, row i predicting block i+1+j; target [B, K, P].
         Blocks 2..K are targets (the first never is); losses averaged over heads."""
         losses = []
+        num_blocks = target.shape[1]
         for j, pred in enumerate(preds):
-            p, t = pred[:, : -(j + 1)], target[:, j + 1 :]
+            p, t = pred[:, : num_blocks - (j + 1)], target[:, j + 1 :]
             err = (p - t).abs() if self.cfg.loss == "l1" else (p - t) ** 2
             losses.append(err.mean())
         return torch.stack(losses).mean()
@@ -259,7 +326,7 @@ class XTRA(nn.Module):
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """Scalar next-block reconstruction loss of normalised images [B, C, H, W]."""
-        z = self.forward_features(images)
+        z = self.forward_features(images, drop_last_block=True)  # [B, K-1, k*k*Dd]
         return self.forward_loss([head(z) for head in self.heads], self.targets(images))
 
     def encode(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
