@@ -1,9 +1,10 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""AdamW parameter groups, the (fused where possible) AdamW and the warmup + cosine LR schedule."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 NO_DECAY_NAMES = ("pos_embed", "query")
@@ -36,3 +37,28 @@ def warmup_cosine_lr(
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, weight_decay)`, fused where torch has a fused kernel.
+
+    `fused=None` picks the fused kernel when every parameter is a floating tensor on CPU or CUDA.
+    On CPU torch's default is the per-parameter for-loop (foreach kernels are GPU-only): for a
+    300M-parameter B/16 objective the fused step is several times faster (benchmarks/README.md),
+    with the same update up to float rounding."""
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = bool(params) and all(
+            p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
