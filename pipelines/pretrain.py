@@ -389,21 +389,24 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     return out
 
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+
+
 def latest_checkpoint_step(storage: str, run_name: str, cfg: XTRAConfig) -> int:
-    """Step of the newest complete checkpoint of this run in storage (0 if none)."""
+    """Step of the newest checkpoint Ray Train registered for this run (0 if none).
+
+    Ray registers a checkpoint once every rank has uploaded its files, and hands exactly that one
+    to the workers (`ray.train.get_checkpoint()`), so the stream is started at the same step."""
     from pipelines.train_stream import open_storage
 
     fs, root = open_storage(storage, cfg)
-    import pyarrow.fs as pafs
-
-    sel = pafs.FileSelector(f"{root}/{run_name}", allow_not_found=True)
-    steps = []
-    for info in fs.get_file_info(sel):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step"):
-            state = fs.get_file_info(f"{info.path}/{STATE_FILE}")
-            if state.type == pafs.FileType.File:
-                steps.append(int(info.base_name[len("checkpoint_step") :]))
-    return max(steps, default=0)
+    try:
+        with fs.open_input_stream(f"{root}/{run_name}/{SNAPSHOT_FILE}") as f:
+            snapshot = json.loads(f.read())
+    except FileNotFoundError:
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", 0))
 
 
 def consolidate_encoder(checkpoint_dir: str) -> dict[str, torch.Tensor]:
