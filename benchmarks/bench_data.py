@@ -16,7 +16,7 @@ included); the best of `--repeats` runs, alternating the two loaders. Prints a t
 benchmarks/results/data.json. The machine's load average is recorded: other work on the same cores
 skews both columns.
 
-    .venv/bin/python benchmarks/bench_data.py [--images 4000] [--large-images 1000] [--epochs 3]
+    .venv/bin/python benchmarks/bench_data.py [--images 10000] [--large-images 1000] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def bench(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=4000, help="CIFAR-10 JPEGs at 32 px")
+    p.add_argument("--images", type=int, default=10000, help="CIFAR-10 JPEGs at 32 px")
     p.add_argument("--large-images", type=int, default=1000, help="the same, upscaled to 256 px")
     p.add_argument("--epochs", type=int, default=3, help="epochs per timed stream")
     p.add_argument("--repeats", type=int, default=3)
