@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -97,6 +98,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one status line per report is ours
     cfg = config_from_dict(loop_config["config"])
     plan = RunPlan(**loop_config["plan"])
     ctx = ray.train.get_context()
@@ -335,6 +337,8 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")
+    # the driver prints one status line per report; Ray Data's per-operator bars would interleave
+    ray.data.DataContext.get_current().enable_progress_bars = False
     stream: TrainStream = build_train_stream(cfg)
     start_step = latest_checkpoint_step(storage, run_name, cfg)
     plan = plan_run(cfg, stream.num_images, start_step)
