@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.uri={data}",
         f"mlflow.tracking_uri={tracking}",
         "mlflow.experiment=xtra-demo",
+        f"train.storage_path={out / 'runs'}",
     ]
     cfg = load_config(
         "tiny",
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
             "train.log_every=10",
             f"train.checkpoint_every={max(1, args.steps // 3)}",
             f"train.run_name={run_name}",
-            f"train.storage_path={out / 'runs'}",
         ],
     )
     print(f"[demo] 2/3 pretraining tiny XTRA for {args.steps} steps (2 workers, ZeRO-2)", flush=True)

@@ -1,0 +1,72 @@
+"""`ray job submit -- python -m pipelines.pretrain ...` against a Ray head started by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipelines.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` with the job server (dashboard) on a free port; stopped afterwards."""
+    temp = tempfile.mkdtemp(prefix="xh", dir="/tmp")
+    port, gcs = free_port(), free_port()
+    # the job's `python` must be this environment's (the head passes its PATH to job drivers)
+    # a throwaway local head: no token auth (the client and the head must agree)
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={gcs}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_pretrain_runs_as_a_ray_job(ray_head, tmp_path):
+    dashboard, _ = ray_head
+    data = tmp_path / "fm"
+    assert cli_main(["data", "prepare", "--source", "fashion-mnist", "--dest", str(data), "--limit", "48"]) == 0
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = {
+        "model.image_size": 16, "model.encoder_depth": 1, "model.decoder_depth": 1,
+        "train.global_batch_size": 16, "train.max_steps": 2, "train.num_workers": 2,
+        "train.cpus_per_worker": 0.5, "train.checkpoint_every": 2, "train.run_name": "job",
+        "train.storage_path": str(tmp_path / "runs"), "mlflow.tracking_uri": tracking,
+        "mlflow.registered_model": "job-encoder",
+    }
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
+           "--", "python", "-m", "pipelines.pretrain", "--config", "tiny", "--data", str(data)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[xtra] step 2/2" in proc.stdout
+    version = mlflow.MlflowClient(tracking_uri=tracking).get_model_version("job-encoder", "1")
+    assert version.status == "READY"
