@@ -45,8 +45,22 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        stop_processes_mentioning(temp)  # not `ray stop`: that would stop every cluster here
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_processes_mentioning(marker: str) -> None:
+    """Terminate (then kill) this head's processes: their command lines name its temp dir."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
+            procs.append(p)
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
 
 
 def test_pretrain_runs_as_a_ray_job(ray_head, tmp_path):
