@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -50,14 +51,20 @@ def ray_head():
 
 
 def stop_processes_mentioning(marker: str) -> None:
-    """Terminate (then kill) this head's processes: their command lines name its temp dir."""
+    """Terminate (then kill) this head's processes: those whose command line names its temp dir
+    (gcs, raylet, dashboard) and all their children (agents and workers retitle themselves)."""
     import psutil
 
-    procs = []
+    procs: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
-            procs.append(p)
+            with contextlib.suppress(psutil.Error):
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
             p.terminate()
+    procs = list(procs.values())
     _, alive = psutil.wait_procs(procs, timeout=10)
     for p in alive:
         p.kill()
