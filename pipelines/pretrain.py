@@ -357,6 +357,11 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     )
     del model
 
+    from pipelines.train_stream import open_storage
+
+    storage_fs, storage_root = open_storage(storage, cfg)  # s3:// -> (S3 filesystem, bucket/prefix)
+    if storage_fs.type_name == "local":
+        storage_fs = None
     resources = {"CPU": cfg.train.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -367,8 +372,8 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage,
-            storage_filesystem=stream.storage_filesystem(storage),
+            storage_path=storage_root,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[ProgressAndTracking(run_id, uri, plan)],
@@ -401,14 +406,16 @@ def latest_checkpoint_step(storage: str, run_name: str, cfg: XTRAConfig) -> int:
 
     Ray registers a checkpoint once every rank has uploaded its files, and hands exactly that one
     to the workers (`ray.train.get_checkpoint()`), so the stream is started at the same step."""
+    import pyarrow.fs as pafs
+
     from pipelines.train_stream import open_storage
 
     fs, root = open_storage(storage, cfg)
-    try:
-        with fs.open_input_stream(f"{root}/{run_name}/{SNAPSHOT_FILE}") as f:
-            snapshot = json.loads(f.read())
-    except FileNotFoundError:
+    path = f"{root}/{run_name}/{SNAPSHOT_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
         return 0
+    with fs.open_input_stream(path) as f:
+        snapshot = json.loads(f.read())
     latest = snapshot.get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("step", 0))
 

@@ -48,14 +48,6 @@ class TrainStream:
             num_rows=num_rows + spare,
         )
 
-    def storage_filesystem(self, storage_path: str) -> pafs.FileSystem | None:
-        """The filesystem for Ray Train's run storage (S3 with the data's endpoint settings)."""
-        if storage.is_s3_uri(storage_path):
-            return storage.s3_filesystem(
-                storage.s3_endpoint(self.cfg.data.s3_endpoint), self.cfg.data.s3_region
-            )
-        return None
-
 
 def build_train_stream(cfg: XTRAConfig) -> TrainStream:
     listing = list_split(cfg.data, cfg.data.train_split)

@@ -96,6 +96,14 @@ def test_zero_stages_shard_optimizer_state_and_loss_goes_down(ray_cluster, fmnis
         first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (9, 10)) / 2
         assert last < 0.8 * first, (stage, loss)
         state_mb[stage] = [history(cfg, out["run_id"], f"optimizer_state_mb/rank{r}")[10] for r in (0, 1)]
+        # the consolidated (for ZeRO-3: gathered from shards) encoder is trained, full-size fp32
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        encoder = load_encoder(out["model_uri"])
+        torch.manual_seed(cfg.train.seed)  # the workers' initial weights, exactly
+        fresh = build_model(cfg.model).encoder
+        assert all(p.dtype == torch.float32 for p in encoder.parameters())
+        assert encoder.pos_embed.shape == fresh.pos_embed.shape
+        assert not torch.allclose(encoder.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
     full = state_mb[0][0]
     assert state_mb[0][1] == pytest.approx(full)  # stage 0: every rank holds everything
     for stage in (2, 3):
@@ -182,6 +190,7 @@ def test_registered_encoder_loads_back_with_the_trained_weights(ray_cluster, fmn
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(encoder(x), model.encode(x), atol=1e-6)
+        torch.manual_seed(cfg.train.seed)
         fresh = build_model(cfg.model).eval()
         assert not torch.allclose(encoder(x), fresh.encode(x), atol=1e-3)
     pyfunc = mlflow.pyfunc.load_model(out["model_uri"])
@@ -231,15 +240,20 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=30)
 
 
-def test_pretrain_from_s3_into_an_mlflow_server(ray_cluster, s3_server, fmnist, mlflow_server, tmp_path):
+def test_pretrain_from_s3_to_s3_checkpoints_into_an_mlflow_server(ray_cluster, s3_server, fmnist, mlflow_server, tmp_path):
     bucket = s3_server.make_bucket("pretrain")
     for path in Path(fmnist).rglob("*.png"):
         s3_server.put(f"s3://{bucket}/fm/{path.relative_to(fmnist)}", path.read_bytes())
     cfg = make_cfg(
         tmp_path, f"s3://{bucket}/fm", "s3run",
-        **{"train.max_steps": 3, "data.s3_endpoint": s3_server.endpoint, "mlflow.tracking_uri": mlflow_server},
+        **{"train.max_steps": 3, "data.s3_endpoint": s3_server.endpoint, "mlflow.tracking_uri": mlflow_server,
+           "train.storage_path": f"s3://{bucket}/runs", "train.checkpoint_every": 2},
     )
     out = pretrain.run_pretraining(cfg)
+    # checkpoints went to the bucket, and Ray's record of them is what a resume would read
+    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket, Prefix="runs/s3run/")["Contents"]]
+    assert any(k.startswith("runs/s3run/checkpoint_step000000003/ds/") for k in keys)
+    assert pretrain.latest_checkpoint_step(f"s3://{bucket}/runs", "s3run", cfg) == 3
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert [m.step for m in client.get_metric_history(out["run_id"], "loss")] == [1, 2, 3]
     mlflow.set_tracking_uri(mlflow_server)
