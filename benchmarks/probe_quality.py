@@ -4,7 +4,7 @@ baseline (the same ModelConfig, freshly initialised), through the product's own 
 
     .venv/bin/python benchmarks/probe_quality.py                       # random-init only
     .venv/bin/python benchmarks/probe_quality.py --model models:/xtra-encoder/1 \
-        [--max-train-images 5000] [--linear-epochs 20] [--attentive-epochs 4] \
+        [--max-train-images 4000] [--linear-epochs 100] [--attentive-epochs 3] \
         [--linear-lrs 1e-3 3e-3 1e-2] [--attentive-lrs 1e-3 3e-3] [--set section.key=value ...]
 
 Data: ../shared/data/cifar10 (train/<class>/*.jpg, test/<class>/*.jpg); a seeded subsample of
@@ -17,6 +17,7 @@ A pretrained encoder that does not clearly beat its random-init baseline has a b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -44,11 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="models:/name/version|@alias or an export dir")
     p.add_argument("--config", default="tiny", help="config for the random-init encoder (no --model)")
     p.add_argument("--data", default=str(CIFAR))
-    p.add_argument("--max-train-images", type=int, default=5000)
-    p.add_argument("--linear-epochs", type=int, default=20)
-    p.add_argument("--attentive-epochs", type=int, default=4)
-    p.add_argument("--linear-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--attentive-lrs", type=float, nargs="+", default=[1e-3, 4e-3])
+    p.add_argument("--max-train-images", type=int, default=4000)
+    p.add_argument("--linear-epochs", type=int, default=100)
+    p.add_argument("--attentive-epochs", type=int, default=3)
+    p.add_argument("--linear-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    p.add_argument("--attentive-lrs", type=float, nargs="+", default=[3e-3])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--kinds", nargs="+", default=["linear", "attentive"], choices=["linear", "attentive"])
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
             sets = [*base_sets, f"probe.epochs={epochs}", f"probe.lrs={json.dumps(lrs)}"]
             cfg = load_config(args.config, sets)
             t0 = time.perf_counter()
-            (r,) = probe(cfg, args.model, [kind], random_init=random_init)
+            with contextlib.redirect_stdout(sys.stderr):  # Tune's tables; stdout: JSON + table
+                (r,) = probe(cfg, args.model, [kind], random_init=random_init)
             r["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(r)
             print(json.dumps(r), flush=True)

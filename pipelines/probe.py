@@ -189,10 +189,10 @@ def split_listings(cfg: XTRAConfig) -> ProbeSplits:
     if p.max_train_images is not None and p.max_train_images < n:
         rng = np.random.default_rng([p.seed, 1])
         rows = np.sort(rng.choice(n, size=p.max_train_images, replace=False))
-    if len(rows) < 2:
+    if len(rows) < 3:
         raise UserError(f"{train.uri}: {len(rows)} train image(s): too few to carve out a val split")
     perm = np.random.default_rng([p.seed, 2]).permutation(len(rows))
-    n_val = min(len(rows) - 1, max(1, round(p.val_fraction * len(rows))))
+    n_val = min(len(rows) - 2, max(1, round(p.val_fraction * len(rows))))  # >= 2 left for BatchNorm
     val_rows, train_rows = np.sort(rows[perm[:n_val]]), np.sort(rows[perm[n_val:]])
     return ProbeSplits(_subset(train, train_rows), _subset(train, val_rows), test, num_classes)
 
