@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -86,7 +87,12 @@ def test_pretrain_runs_as_a_ray_job(ray_head, tmp_path):
            "--", "python", "-m", "pipelines.pretrain", "--config", "tiny", "--data", str(data)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"})
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    for _ in range(30):  # the head's job agent needs a few seconds after `ray start`
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[xtra] step 2/2" in proc.stdout
     version = mlflow.MlflowClient(tracking_uri=tracking).get_model_version("job-encoder", "1")

@@ -89,13 +89,13 @@ def history(cfg, run_id: str, key: str) -> dict[int, float]:
 def test_zero_stages_shard_optimizer_state_and_loss_goes_down(ray_cluster, fmnist, tmp_path):
     state_mb = {}
     for stage in (0, 3, 2):
-        cfg = make_cfg(tmp_path, fmnist, f"zero{stage}", **{"train.zero_stage": stage, "train.max_steps": 10})
+        cfg = make_cfg(tmp_path, fmnist, f"zero{stage}", **{"train.zero_stage": stage, "train.max_steps": 12})
         out = pretrain.run_pretraining(cfg)
         loss = history(cfg, out["run_id"], "loss")
-        assert sorted(loss) == list(range(1, 11))
-        first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (9, 10)) / 2
-        assert last < 0.8 * first, (stage, loss)
-        state_mb[stage] = [history(cfg, out["run_id"], f"optimizer_state_mb/rank{r}")[10] for r in (0, 1)]
+        assert sorted(loss) == list(range(1, 13))
+        first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (10, 11, 12)) / 3
+        assert last < 0.85 * first, (stage, loss)
+        state_mb[stage] = [history(cfg, out["run_id"], f"optimizer_state_mb/rank{r}")[12] for r in (0, 1)]
         # the consolidated (for ZeRO-3: gathered from shards) encoder is trained, full-size fp32
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
         encoder = load_encoder(out["model_uri"])
