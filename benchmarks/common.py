@@ -60,20 +60,25 @@ def load_avg() -> list[float]:
 
 def interleaved_times(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, the variants alternated round by round (so that load
-    from other processes on a shared machine falls on all of them alike). `warmup` untimed rounds
-    first."""
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each function, the variants alternated round by
+    round (so that load from other processes falls on all of them alike), `warmup` untimed rounds
+    first. Returns {"wall": {name: [s, ...]}, "cpu": {name: [s, ...]}}.
+
+    On a shared machine the CPU time (user + system of all this process's threads) measures the
+    work of a call; the wall time mostly measures the other processes."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
 
 
 def summary(seconds: list[float]) -> dict[str, float]:

@@ -136,6 +136,8 @@ def run_variant(cfg: ModelConfig, batch: int, device: torch.device, warmup: int,
                 ) -> dict[str, Any]:
     torch.manual_seed(0)
     model = XTRA(cfg).to(device).train()
+    for n in (cfg.num_patches - cfg.block_size**2, cfg.num_patches):
+        model.layout.mask(n, device)  # build (and cache) the BlockMasks outside the compiled graph
     step_model = maybe_compile(model, cfg)
     opt = adamw(model, lr=1e-4, weight_decay=0.05)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
@@ -181,7 +183,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
     cfg = preset("vit_b16" if on_gpu else "tiny").model
-    cfg.drop_path = 0.0 if not on_gpu else cfg.drop_path
     batch = args.batch or (128 if on_gpu else 4)
     steps = args.steps or (10 if on_gpu else 2)
     warmup = args.warmup or (3 if on_gpu else 1)

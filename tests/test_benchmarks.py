@@ -32,9 +32,11 @@ def test_train_step_smoke_writes_every_variant_and_ratio(tmp_path):
     assert {"reference fp32", "product fp32", "reference bf16", "product bf16",
             "product model, for-loop AdamW fp32"} <= set(r["variants"])
     for v in r["variants"].values():
-        assert v["images_per_s"] > 0 and len(v["step_s_all"]) == 1
-        assert v["fwd_bwd_s_median"] + v["optimizer_s_median"] == pytest.approx(v["step_s_median"])
-    assert set(r["ratios"]) == {"fp32", "bf16"}
+        assert v["images_per_cpu_s"] > 0 and v["images_per_s_wall_best"] > 0
+        assert len(v["all_runs"]["cpu"]) == 1
+        assert v["fwd_bwd_cpu_s_median"] + v["optimizer_cpu_s_median"] == pytest.approx(
+            v["cpu_s_per_step_median"])
+    assert set(r["ratios_cpu_time"]) == set(r["ratios_wall_best"]) == {"fp32", "bf16"}
     assert set(data["goals"]) == {"smoke fp32", "smoke bf16"}
 
 
@@ -116,6 +118,8 @@ def test_zero_memory_smoke_stage3_shards_the_state(tmp_path):
             assert r["peak_rss"] > r["rss_after_init"] > 0
             expected = 2 * psi / (2 if stage == 3 else 1)  # bf16 parameters, partitioned at 3
             assert m["parameters"] == pytest.approx(expected, rel=0.05)
+    # the same two training steps whatever the stage: ZeRO changes where state lives, not maths
+    assert cases[0]["ranks"][0]["losses"] == pytest.approx(cases[3]["ranks"][0]["losses"], rel=1e-2)
     assert data["goals"]["bf16"]["met"]
     assert data["goals"]["bf16"]["stage3_over_stage0_div_N"] == pytest.approx(1.0, abs=0.1)
 
