@@ -47,7 +47,7 @@ from pipelines.train_stream import TrainStream, build_train_stream
 from xtra_core.config import XTRAConfig, config_from_dict
 from xtra_core.export import save_encoder
 from xtra_core.model import build_model, count_parameters
-from xtra_core.optim import param_groups, warmup_cosine_lr
+from xtra_core.optim import adamw, warmup_cosine_lr
 
 STATE_FILE = "xtra_state.json"  # written by rank 0 into every checkpoint
 DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray checkpoint
@@ -60,6 +60,9 @@ def deepspeed_config(cfg: XTRAConfig) -> dict[str, Any]:
     """The DeepSpeed config for this run: batch sizes, ZeRO stage, clipping, precision."""
     t = cfg.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage > 0:
+        # DeepSpeed's default buckets (5e8 elements) cost ~2 GB of fp32 buffer per rank
+        zero.update({"reduce_bucket_size": t.zero_bucket_size, "allgather_bucket_size": t.zero_bucket_size})
     if t.zero_stage == 3:
         # gather whole parameters for small models too (the default thresholds are tuned for GPUs)
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
@@ -107,9 +110,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas
-    )
+    # fused AdamW over the no-decay/decay groups (torch's CPU default is a per-parameter loop)
+    optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     schedule = lr_lambda(cfg, plan.total_steps, plan.steps_per_epoch)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

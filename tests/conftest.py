@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 
+# OpenMP threads sleep instead of spinning between kernels: on a loaded 2-core machine the
+# spin-waiting default makes a tiny training step take seconds (set before torch is imported)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray Train polls workers every 2 s by default, so every ray.train.report would wait that long
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

@@ -154,6 +154,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     zero_stage: int = 2
+    zero_bucket_size: int = 50_000_000  # elements per ZeRO reduce/allgather bucket
     bf16: bool = False
     lr: float = 1e-3
     min_lr: float = 1e-6
