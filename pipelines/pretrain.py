@@ -337,11 +337,11 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     uri = tracking.tracking_uri(cfg)
     tracking.check_tracking(uri)  # before any compute
 
+    stream: TrainStream = build_train_stream(cfg)  # lists the files: a bad URI fails here, first
     if not ray.is_initialized():
         ray.init(logging_level="WARNING")
     # the driver prints one status line per report; Ray Data's per-operator bars would interleave
     ray.data.DataContext.get_current().enable_progress_bars = False
-    stream: TrainStream = build_train_stream(cfg)
     start_step = latest_checkpoint_step(storage, run_name, cfg)
     plan = plan_run(cfg, stream.num_images, start_step)
     rows = (plan.stop_step - plan.start_step) * cfg.train.global_batch_size
