@@ -34,6 +34,12 @@ def ray_head():
     """`ray start --head` with the job server (dashboard) on a free port; stopped afterwards."""
     temp = tempfile.mkdtemp(prefix="xh", dir="/tmp")
     port, gcs = free_port(), free_port()
+    # every port of its own: the session's other Ray cluster (ray_cluster) holds the defaults, and a
+    # dashboard agent that cannot bind leaves the head with "No available agent to submit job"
+    agent_ports = [
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+    ]
     # the job's `python` must be this environment's (the head passes its PATH to job drivers)
     # a throwaway local head: no token auth (the client and the head must agree)
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "disabled",
@@ -41,7 +47,8 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--num-cpus=2", f"--port={gcs}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--temp-dir={temp}", "--disable-usage-stats",
+         *agent_ports],
         check=True, env=env, capture_output=True,
     )
     try:
