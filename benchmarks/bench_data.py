@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_model  # noqa: E402
 from pipelines.data import build_dataset  # noqa: E402
 from pipelines.images import file_rng, train_transform  # noqa: E402
 from pipelines.listing import list_split  # noqa: E402
@@ -213,7 +214,7 @@ def main() -> int:
         "benchmark": "decode + RandomResizedCrop(0.3-1, 3/4-4/3) + hflip, uint8 batches",
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_model(),
+            "processor": cpu_model(),
             "cores": cores,
             "load_average_at_start": load_start,
             "load_average_at_end": os.getloadavg(),
@@ -239,15 +240,6 @@ def main() -> int:
     print(f"wrote {args.out}")
     return 0
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
