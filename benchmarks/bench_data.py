@@ -1,7 +1,7 @@
 """Images/s through decode + RandomResizedCrop + flip: Ray Data vs a plain PyTorch DataLoader.
 
 Both read the same JPEG files from a local directory and run the same per-image code
-(`pipelines.images.train_transform`, PIL), so the comparison is between the two ways of running it:
+(`pipelines.data.images.train_transform`, PIL), so the comparison is between the two ways of running it:
 
 - Ray Data: `pipelines.data.build_dataset(...).iter_torch_batches(batch_size)` on a local Ray
   cluster with `num_cpus = cores` (decode tasks, object store, batches to the driver).
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import cpu_model  # noqa: E402
-from pipelines.data import build_dataset  # noqa: E402
-from pipelines.images import file_rng, train_transform  # noqa: E402
-from pipelines.listing import list_split  # noqa: E402
+from pipelines.data.images import file_rng, train_transform  # noqa: E402
+from pipelines.data.listing import list_split  # noqa: E402
+from pipelines.data.stream import build_dataset  # noqa: E402
 from xtra_core.config import XTRAConfig  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train"

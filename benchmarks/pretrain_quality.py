@@ -30,7 +30,7 @@ import mlflow  # noqa: E402
 import ray  # noqa: E402
 
 from pipelines.config_io import load_config  # noqa: E402
-from pipelines.pretrain import run_pretraining  # noqa: E402
+from pipelines.pretrain.driver import run_pretraining  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 RESULTS = ROOT / "benchmarks" / "results"

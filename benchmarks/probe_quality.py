@@ -34,7 +34,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.config_io import load_config  # noqa: E402
-from pipelines.probe import probe  # noqa: E402
+from pipelines.probe.driver import probe  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 RESULTS = ROOT / "benchmarks" / "results" / "probe_quality.json"

@@ -7,6 +7,9 @@ Errors in user input (config keys, URIs, files) end with one line on stderr and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -84,32 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_data_prepare(args: argparse.Namespace) -> int:
-    from pipelines import data_cli
+def _load(args: argparse.Namespace):
+    """The config of a job command: `--config`, then `--set`, then `--data` over `data.uri`."""
+    from pipelines.config_io import load_config
 
-    return data_cli.prepare(args)
+    cfg = load_config(args.config, args.sets)
+    if getattr(args, "data", None):
+        cfg.data.uri = args.data
+    return cfg
+
+
+def _run_data_prepare(args: argparse.Namespace) -> int:
+    from pipelines.data.commands import prepare
+
+    prepare(args.source, args.dest, args.s3_endpoint, args.limit)
+    return 0
 
 
 def _run_data_inspect(args: argparse.Namespace) -> int:
-    from pipelines import data_cli
+    from pipelines.data.commands import inspect
 
-    return data_cli.inspect(args)
+    print(json.dumps(inspect(args.uri, args.s3_endpoint)))
+    return 0
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from pipelines import pretrain
+    from pipelines.pretrain.driver import run_pretraining
 
-    return pretrain.main_from_args(args)
+    out = run_pretraining(_load(args))
+    print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str), flush=True)
+    return 0
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from pipelines import probe
+    """Prints one JSON object per probe kind on stdout; Ray/Tune chatter goes to stderr."""
+    from pipelines.probe.driver import probe
 
-    return probe.main_from_args(args)
+    cfg = _load(args)
+    # --kind both (the default) means the config's probe.kinds (both kinds unless narrowed)
+    kinds = list(cfg.probe.kinds) if args.kind == "both" else [args.kind]
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        results = probe(cfg, args.model, kinds, args.random_init)
+    for r in results:
+        print(json.dumps(r), file=stdout, flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the product's own progress lines (loggers named xtra.*) go to stderr
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("xtra").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[demo] 1/3 Fashion-MNIST already in {data}", flush=True)
 
-    from pipelines.pretrain import run_pretraining
-    from pipelines.probe import probe
+    from pipelines.pretrain.driver import run_pretraining
+    from pipelines.probe.driver import probe
 
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     common = [

@@ -31,8 +31,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import UserError
-from pipelines.storage import (
+from pipelines.data.storage import (
     Location,
     file_info,
     is_s3_uri,
@@ -43,6 +42,7 @@ from pipelines.storage import (
     s3_filesystem,
     storage_error,
 )
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
     from xtra_core.config import DataConfig

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import ray
 
-from pipelines import storage
-from pipelines.data import build_dataset
-from pipelines.listing import Listing, list_split
+from pipelines.data import storage
+from pipelines.data.listing import Listing, list_split
+from pipelines.data.stream import build_dataset
 from xtra_core.config import XTRAConfig
 
 # rows added past the planned end, so that skipped bad files never leave a worker short of batches

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.registry import check_tracking, log_and_register_encoder, tracking_uri
+from pipelines.tracking.registry import check_tracking, log_and_register_encoder, tracking_uri
 from xtra_core.config import XTRAConfig
 
 __all__ = ["check_tracking", "tracking_uri", "start_or_resume_run", "log_step_metrics", "register_encoder"]

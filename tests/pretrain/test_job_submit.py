@@ -19,7 +19,7 @@ from pipelines.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -91,7 +91,7 @@ def test_pretrain_runs_as_a_ray_job(ray_head, tmp_path):
         "mlflow.registered_model": "job-encoder",
     }
     cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
-           "--", "python", "-m", "pipelines.pretrain", "--config", "tiny", "--data", str(data)]
+           "--", "python", "-m", "pipelines.cli", "pretrain", "--config", "tiny", "--data", str(data)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}

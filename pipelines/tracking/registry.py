@@ -2,7 +2,7 @@
 
 The encoder is logged as an MLflow pyfunc model whose artifact is the xtra_core export
 (`encoder.safetensors` + `config.json`), so the registry holds real weights and users get either
-    encoder = pipelines.registry.load_encoder("models:/xtra-encoder/1")        # torch module
+    encoder = pipelines.tracking.registry.load_encoder("models:/xtra-encoder/1")        # torch module
 or  mlflow.pyfunc.load_model("models:/xtra-encoder/1").predict(images_nchw)   # features [B, D]
 """
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines import cli
 from pipelines.errors import UserError
-from pipelines.probe import (
+from pipelines.probe.driver import (
     check_labels,
     encode_images,
     freeze,
@@ -285,7 +285,7 @@ def test_probe_job_scores_land_in_mlflow_run_and_registry_tags(tmp_path, capsys,
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.registry import log_and_register_encoder
+    from pipelines.tracking.registry import log_and_register_encoder
 
     root = make_color_dataset(tmp_path / "colors", n_train=12, n_test=4)
     db = f"sqlite:///{tmp_path}/mlflow.db"

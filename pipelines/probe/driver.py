@@ -1,7 +1,7 @@
 """`xtra probe`: linear and attentive probes on a frozen XTRA encoder, scores into MLflow.
 
     xtra probe --model models:/xtra-encoder/3 --data s3://bucket/cifar10 --kind both
-    ray job submit -- python -m pipelines.probe --model models:/xtra-encoder@champion --data ...
+    ray job submit -- python -m pipelines.cli probe --model models:/xtra-encoder@champion --data ...
 
 What happens (Table 2 of the paper, scaled by the `probe` config section):
 
@@ -10,7 +10,7 @@ What happens (Table 2 of the paper, scaled by the `probe` config section):
    (seeded by `probe.seed`), the baseline every pretrained score is read against. The encoder is
    frozen (eval mode, `requires_grad=False`, features under `no_grad`); every Tune trial checks that
    its weights' checksum is unchanged at the end.
-2. The labelled train and test splits are listed (`pipelines.listing`); unlabelled images and a
+2. The labelled train and test splits are listed (`pipelines.data.listing`); unlabelled images and a
    class mismatch between the splits are errors. `probe.max_train_images` takes a seeded subsample of
    train, then `probe.val_fraction` of it is carved out (seeded) as the validation split. The test
    split is used once, by the probe of the best validation learning rate.
@@ -35,15 +35,11 @@ What happens (Table 2 of the paper, scaled by the `probe` config section):
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import sys
 import tempfile
 import time
 import uuid
@@ -55,9 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.data.images import normalize
+from pipelines.data.listing import Listing, list_split
 from pipelines.errors import UserError
-from pipelines.images import normalize
-from pipelines.listing import Listing, list_split
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.model import Encoder, build_model
 from xtra_core.probes import ProbeTrainer, build_probe, evaluate
@@ -114,7 +110,7 @@ def load_frozen_encoder(
     """(frozen encoder, its ModelConfig, info) for `--model` / `--random-init`.
 
     info: the registry's name/version/run_id for registry URIs, `source`, and `random_init`."""
-    from pipelines.registry import load_encoder_with_info
+    from pipelines.tracking.registry import load_encoder_with_info
 
     if model_ref:
         encoder, model_cfg, info = load_encoder_with_info(model_ref)
@@ -271,7 +267,7 @@ def _inference(
     import pyarrow as pa
     import ray
 
-    from pipelines.data import build_dataset
+    from pipelines.data.stream import build_dataset
 
     base = listings[0]
     both = dataclasses.replace(base, table=pa.concat_tables([lst.table for lst in listings]))
@@ -305,7 +301,7 @@ def _inference(
 
 def _rows_for(listing: Listing, out: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Pick `listing`'s rows (listing order, bad files skipped) out of an inference result."""
-    from pipelines.storage import uri_of
+    from pipelines.data.storage import uri_of
 
     index = {p: i for i, p in enumerate(out["path"].tolist())}
     paths = [uri_of(listing.filesystem, p) for p in listing.table.column("path").to_pylist()]
@@ -404,7 +400,7 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch
 
 def attentive_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One LR of the attentive probe: augmented images streamed through the frozen encoder."""
-    from pipelines.data import build_dataset
+    from pipelines.data.stream import build_dataset
 
     p, cfg = setup.cfg.probe, setup.cfg
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
@@ -601,7 +597,7 @@ def probe(
     import ray
     from ray.data import DataContext
 
-    from pipelines.registry import check_tracking, tracking_uri
+    from pipelines.tracking.registry import check_tracking, tracking_uri
 
     uri = tracking_uri(cfg)
     check_tracking(uri)
@@ -640,31 +636,3 @@ def probe(
     for r in results:
         r["mlflow_run_id"] = run_id
     return results
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    """`xtra probe ...`: prints one JSON object per probe kind on stdout."""
-    from pipelines.config_io import load_config
-
-    cfg = load_config(args.config, args.sets)
-    if args.data:
-        cfg.data.uri = args.data
-    # --kind both (the default) means the config's probe.kinds (both kinds unless narrowed)
-    kinds = list(cfg.probe.kinds) if args.kind == "both" else [args.kind]
-    stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # Tune/Ray chatter; stdout carries JSON only
-        results = probe(cfg, args.model, kinds, args.random_init)
-    for r in results:
-        print(json.dumps(r), file=stdout, flush=True)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from pipelines.cli import main as cli_main
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    return cli_main(["probe", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Pretraining: Ray Train workers run XTRA under DeepSpeed ZeRO, fed by Ray Data, tracked in MLflow.
 
     xtra pretrain --config tiny --data /path/or/s3://bucket/prefix --set train.max_steps=200
-    ray job submit --working-dir . -- python -m pipelines.pretrain --config configs/vit_b16_in1k.yaml ...
+    ray job submit --working-dir . -- python -m pipelines.cli pretrain --config configs/vit_b16_in1k.yaml ...
 
 One optimiser step consumes `train.global_batch_size` images: each of the N workers takes micro
 batches of `train.micro_batch` and DeepSpeed accumulates `train.grad_accum_steps` of them.
@@ -19,11 +19,8 @@ shards included), exports it (safetensors + config) and registers it in the MLfl
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 import uuid
@@ -39,11 +36,11 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.api.config import LoggingConfig
 
-from pipelines import tracking
-from pipelines.data import bad_file_counter
+from pipelines.data.images import normalize
+from pipelines.data.stream import bad_file_counter
 from pipelines.errors import UserError
-from pipelines.images import normalize
-from pipelines.train_stream import TrainStream, build_train_stream
+from pipelines.pretrain.stream import TrainStream, build_train_stream
+from pipelines.tracking import runs as tracking
 from xtra_core.config import XTRAConfig, config_from_dict
 from xtra_core.export import save_encoder
 from xtra_core.model import build_model, count_parameters
@@ -359,7 +356,7 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     )
     del model
 
-    from pipelines.train_stream import open_storage
+    from pipelines.pretrain.stream import open_storage
 
     storage_fs, storage_root = open_storage(storage, cfg)  # s3:// -> (S3 filesystem, bucket/prefix)
     if storage_fs.type_name == "local":
@@ -410,7 +407,7 @@ def latest_checkpoint_step(storage: str, run_name: str, cfg: XTRAConfig) -> int:
     to the workers (`ray.train.get_checkpoint()`), so the stream is started at the same step."""
     import pyarrow.fs as pafs
 
-    from pipelines.train_stream import open_storage
+    from pipelines.pretrain.stream import open_storage
 
     fs, root = open_storage(storage, cfg)
     path = f"{root}/{run_name}/{SNAPSHOT_FILE}"
@@ -448,28 +445,3 @@ def export_and_register(
     info = tracking.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
     print(f"[xtra] encoder registered as {info['model_uri']}", flush=True)
     return {"export_dir": str(export_dir), **info}
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    from pipelines.config_io import load_config
-
-    cfg = load_config(args.config, args.sets)
-    if getattr(args, "data", None):
-        cfg.data.uri = args.data
-    out = run_pretraining(cfg)
-    print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str), flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.cli import main as cli_main
-
-    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    sys.exit(main())

@@ -7,16 +7,16 @@ materialised until it is iterated) with, per row:
     path:  str, the file's URI                                       (only with `with_paths=True`)
 
 so `iter_torch_batches(batch_size=B)` yields `image` uint8 [B, H, W, 3] and `label` int64 [B]; the
-training worker turns images into float [B, 3, H, W] with `pipelines.images.normalize`. Only uint8
+training worker turns images into float [B, 3, H, W] with `pipelines.data.images.normalize`. Only uint8
 crosses the object store.
 
-How it streams. The listing (paths + labels, `pipelines.listing`) is put once into the object store.
+How it streams. The listing (paths + labels, `pipelines.data.listing`) is put once into the object store.
 The dataset is a window of row ids of the endless chain of epochs (id r = position r % N of epoch
 `epoch + r // N`; by default `num_epochs * N` ids from 0, or `num_rows` ids from `first_row` for a
 resumed run): a `ray.data.range` cut into blocks of `rows_per_block(image_size)` ids (~32 MiB of
 output each). One fused Ray task per block maps each id to (epoch, position), position to a file
 through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
-PIL (`pipelines.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
+PIL (`pipelines.data.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
 
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
 epoch; evaluation keeps listing order) and draws each file's crop and flip from
@@ -46,9 +46,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from pipelines.images import BadImage, eval_transform, file_rng, train_transform
-from pipelines.listing import Listing, list_split
-from pipelines.storage import read_bytes, uri_of
+from pipelines.data.images import BadImage, eval_transform, file_rng, train_transform
+from pipelines.data.listing import Listing, list_split
+from pipelines.data.storage import read_bytes, uri_of
 
 if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
     from xtra_core.config import XTRAConfig
@@ -132,7 +132,7 @@ def build_dataset(
     Rows: `image` uint8 [S, S, 3] (S = cfg.model.image_size), `label` int64, and `path` (file URI)
     if `with_paths`. `train=True`: a new file order and RandomResizedCrop + flip per epoch (Table 1,
     from `cfg.data`); `train=False`: listing order, resize + centre crop. Pass a `listing` from
-    `pipelines.listing.list_split` to avoid listing the bucket again for every epoch, and a
+    `pipelines.data.listing.list_split` to avoid listing the bucket again for every epoch, and a
     `BadFileCounter` handle as `bad_files` to count skipped files (see the module doc).
 
     A window of the endless chain of epochs (row id r is position r % N of epoch `epoch` + r // N):

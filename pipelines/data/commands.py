@@ -17,10 +17,8 @@ inspect: decode every file through the pipeline (`pipelines.data`, evaluation tr
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
-import json
 import os
 import posixpath
 import struct
@@ -28,15 +26,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.images import BadImage, decode
-from pipelines.listing import Listing, list_every_split
-from pipelines.storage import (
+from pipelines.data.images import BadImage, decode
+from pipelines.data.listing import Listing, list_every_split
+from pipelines.data.storage import (
     Location,
     file_info,
     read_bytes,
@@ -45,6 +43,7 @@ from pipelines.storage import (
     uri_of,
     write_bytes,
 )
+from pipelines.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -67,24 +66,27 @@ WRITE_THREADS = 8
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(args: argparse.Namespace) -> int:
-    """`xtra data prepare --source ... --dest ... [--limit N] [--s3-endpoint URL]`."""
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: give a positive number of images per split")
-    dest = resolve(args.dest, args.s3_endpoint)
+def prepare(
+    source: str, dest_uri: str, s3_endpoint: str | None = None, limit: int | None = None
+) -> dict[str, int]:
+    """Write `source` ('fashion-mnist' or an image folder) to `dest_uri` in the class-folder
+    layout; returns images written per split."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a positive number of images per split")
+    dest = resolve(dest_uri, s3_endpoint)
     if dest.is_s3:  # fail before any work: the bucket must exist and be reachable
         bucket = dest.path.split("/", 1)[0]
-        if file_info(Location(dest.filesystem, bucket, f"s3://{bucket}"), args.s3_endpoint).type \
+        if file_info(Location(dest.filesystem, bucket, f"s3://{bucket}"), s3_endpoint).type \
                 == pafs.FileType.NotFound:
-            raise UserError(f"{args.dest}: the bucket s3://{bucket} does not exist")
-    if args.source == "fashion-mnist":
-        written, bad = _prepare_fashion_mnist(dest, args.limit, args.s3_endpoint), 0
+            raise UserError(f"{dest_uri}: the bucket s3://{bucket} does not exist")
+    if source == "fashion-mnist":
+        written, bad = _prepare_fashion_mnist(dest, limit, s3_endpoint), 0
     else:
-        written, bad = _prepare_folder(args.source, dest, args.limit, args.s3_endpoint)
+        written, bad = _prepare_folder(source, dest, limit, s3_endpoint)
     total = sum(written.values())
     per_split = ", ".join(f"{s}: {n}" for s, n in written.items())
-    print(f"wrote {total} images to {args.dest} ({per_split}; {bad} bad files skipped)")
-    return 0
+    print(f"wrote {total} images to {dest_uri} ({per_split}; {bad} bad files skipped)")
+    return written
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -239,16 +241,16 @@ def _write_all(
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect(args: argparse.Namespace) -> int:
-    """`xtra data inspect <uri> [--s3-endpoint URL]`: one JSON object on stdout."""
+def inspect(uri: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Decode every file of `uri` through the pipeline: images, per class, per split, bad files."""
     import ray
 
-    from pipelines.data import bad_file_counter, build_dataset
+    from pipelines.data.stream import bad_file_counter, build_dataset
     from xtra_core.config import XTRAConfig
 
     cfg = XTRAConfig()
-    cfg.data.uri = args.uri
-    cfg.data.s3_endpoint = args.s3_endpoint
+    cfg.data.uri = uri
+    cfg.data.s3_endpoint = s3_endpoint
     splits = list_every_split(cfg.data)  # fails fast, before Ray starts, on a bad URI
     started = not ray.is_initialized()
     if started:
@@ -278,8 +280,7 @@ def inspect(args: argparse.Namespace) -> int:
         "bad_files": sorted(summary["files"]),
         "splits": per_split,
     }
-    print(json.dumps(report))
-    return 0
+    return report
 
 
 def _labels_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

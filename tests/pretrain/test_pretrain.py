@@ -18,10 +18,10 @@ import mlflow
 import pytest
 import torch
 
-from pipelines import pretrain
 from pipelines.cli import main as cli_main
 from pipelines.errors import UserError
-from pipelines.registry import load_encoder
+from pipelines.pretrain import driver as pretrain
+from pipelines.tracking.registry import load_encoder
 from xtra_core.config import build_config
 from xtra_core.model import build_model
 

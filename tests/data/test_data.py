@@ -22,8 +22,7 @@ import ray
 import torch
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.images import (
+from pipelines.data.images import (
     BadImage,
     crop_resize,
     decode,
@@ -34,7 +33,8 @@ from pipelines.images import (
     random_resized_crop_params,
     train_transform,
 )
-from pipelines.listing import list_every_split, list_split
+from pipelines.data.listing import list_every_split, list_split
+from pipelines.errors import UserError
 from xtra_core.config import DataConfig, XTRAConfig
 
 SIZE = 16  # output side in these tests
@@ -213,7 +213,7 @@ def test_file_rng_depends_on_seed_epoch_and_path_only() -> None:
 
 
 def test_epoch_order_is_a_new_seeded_permutation_every_epoch() -> None:
-    from pipelines.data import epoch_order
+    from pipelines.data.stream import epoch_order
 
     e0, e1 = epoch_order(1000, 0, 0), epoch_order(1000, 0, 1)
     assert sorted(e0.tolist()) == list(range(1000))
@@ -361,7 +361,7 @@ def rows_by_path(ds) -> dict[str, dict[str, object]]:
 
 @pytest.mark.slow
 def test_reads_class_folders_from_s3_with_labels_and_counts(ray_cluster, s3_server, s3_dataset) -> None:
-    from pipelines.data import build_dataset
+    from pipelines.data.stream import build_dataset
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
     rows = build_dataset(cfg, "train", 0, train=False, with_paths=True).take_all()
@@ -375,7 +375,7 @@ def test_reads_class_folders_from_s3_with_labels_and_counts(ray_cluster, s3_serv
 
 @pytest.mark.slow
 def test_reads_a_manifest_from_s3(ray_cluster, s3_server) -> None:
-    from pipelines.data import build_dataset
+    from pipelines.data.stream import build_dataset
 
     bucket = s3_server.make_bucket("manifest")
     files = {f"flat/{i:03d}.png": encode(noise(20, 20, seed=i)) for i in range(6)}
@@ -393,8 +393,8 @@ def test_reads_a_manifest_from_s3(ray_cluster, s3_server) -> None:
 def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
     ray_cluster, s3_server, s3_dataset, monkeypatch
 ) -> None:
-    from pipelines import data as data_module
-    from pipelines.data import build_dataset, epoch_order
+    from pipelines.data import stream as data_module
+    from pipelines.data.stream import build_dataset, epoch_order
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
     e0 = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
@@ -438,7 +438,7 @@ def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
 
 @pytest.mark.slow
 def test_flips_vary_per_file_and_epoch_in_the_stream(ray_cluster, s3_server, s3_dataset) -> None:
-    from pipelines.data import build_dataset
+    from pipelines.data.stream import build_dataset
 
     # scale (1, 1) and ratio (1, 1) on the square test images: only the flip is random
     cfg = s3_config(s3_server, s3_dataset, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
@@ -459,7 +459,7 @@ def test_flips_vary_per_file_and_epoch_in_the_stream(ray_cluster, s3_server, s3_
 def test_bad_files_are_counted_and_skipped_and_every_good_image_kept(
     ray_cluster, s3_server, s3_dataset
 ) -> None:
-    from pipelines.data import bad_file_counter, build_dataset
+    from pipelines.data.stream import bad_file_counter, build_dataset
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
     counter = bad_file_counter()
