@@ -24,6 +24,7 @@ import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,8 +323,18 @@ def plan_run(cfg: XTRAConfig, num_images: int, start_step: int) -> RunPlan:
                    bad_files_actor=f"xtra-bad-files-{t.run_name}-{uuid.uuid4().hex[:8]}")
 
 
-def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
-    """Driver: plan, start MLflow, fit the TorchTrainer, export + register the encoder."""
+def run_pretraining(
+    cfg: XTRAConfig,
+    *,
+    callbacks: Sequence[UserCallback] = (),
+    parent_run_id: str | None = None,
+    register: bool = True,
+) -> dict[str, Any]:
+    """Driver: plan, start MLflow, fit the TorchTrainer, export + register the encoder.
+
+    `callbacks`: more Ray Train callbacks on the controller (a Tune trial reports through one);
+    `parent_run_id`: the MLflow run is created nested under it (a sweep's parent run);
+    `register=False`: the encoder is exported and logged to the run, not registered."""
     if not cfg.data.uri:
         raise UserError("no dataset: give --data <uri> (or data.uri in the config)")
     run_name = cfg.train.run_name or f"xtra-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -345,7 +356,7 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     bad_files = bad_file_counter(plan.bad_files_actor)  # held by the driver for the whole fit
     dataset = stream.dataset(plan.start_step * cfg.train.global_batch_size, rows, bad_files)
 
-    run_id = tracking.start_or_resume_run(uri, cfg, run_name)
+    run_id = tracking.start_or_resume_run(uri, cfg, run_name, parent_run_id)
     model = build_model(cfg.model)
     print(
         f"[xtra] run {run_name}: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -375,7 +386,7 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[ProgressAndTracking(run_id, uri, plan)],
+            callbacks=[ProgressAndTracking(run_id, uri, plan), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
@@ -391,7 +402,7 @@ def run_pretraining(cfg: XTRAConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.stop_step,
                            "metrics": result.metrics, "checkpoint": result.checkpoint.path}
     if plan.stop_step == plan.total_steps:
-        out.update(export_and_register(cfg, result.checkpoint, uri, run_id))
+        out.update(export_and_register(cfg, result.checkpoint, uri, run_id, register))
     elif run_id:
         tracking.finish_run(uri, run_id, "KILLED")  # stopped early on purpose; resumable
     return out
@@ -432,7 +443,7 @@ def consolidate_encoder(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 
 
 def export_and_register(
-    cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None
+    cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None, register: bool = True
 ) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         state = consolidate_encoder(d)
@@ -442,6 +453,9 @@ def export_and_register(
     else:
         export_dir = Path(storage, str(cfg.train.run_name), "encoder_export")
     save_encoder(state, cfg.model, export_dir, extra={"run_name": cfg.train.run_name})
+    if not register:
+        tracking.log_encoder_files(uri, run_id, export_dir)
+        return {"export_dir": str(export_dir)}
     info = tracking.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
     print(f"[xtra] encoder registered as {info['model_uri']}", flush=True)
     return {"export_dir": str(export_dir), **info}

@@ -50,8 +50,11 @@ def public_params(cfg: XTRAConfig) -> dict[str, str]:
     return out
 
 
-def start_or_resume_run(uri: str, cfg: XTRAConfig, run_name: str) -> str:
-    """The MLflow run of this training run (same `train.run_name` -> same MLflow run)."""
+def start_or_resume_run(
+    uri: str, cfg: XTRAConfig, run_name: str, parent_run_id: str | None = None
+) -> str:
+    """The MLflow run of this training run (same `train.run_name` -> same MLflow run); nested
+    under `parent_run_id` when given."""
     client = _client(uri)
     exp = experiment_id(uri, cfg.mlflow.experiment)
     found = client.search_runs([exp], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
@@ -60,7 +63,10 @@ def start_or_resume_run(uri: str, cfg: XTRAConfig, run_name: str) -> str:
         if found[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(exp, run_name=run_name, tags={RUN_NAME_TAG: run_name, "xtra.preset": cfg.preset})
+    tags = {RUN_NAME_TAG: run_name, "xtra.preset": cfg.preset}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     params = public_params(cfg)
     items = list(params.items())
@@ -90,6 +96,12 @@ def log_step_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
+
+
+def log_encoder_files(uri: str, run_id: str | None, export_dir: str | os.PathLike) -> None:
+    """The encoder export (safetensors + config) as plain artifacts `encoder/` of the run."""
+    if run_id:
+        _client(uri).log_artifacts(run_id, str(export_dir), artifact_path="encoder")
 
 
 def register_encoder(uri: str, run_id: str | None, export_dir: str | os.PathLike, name: str) -> dict[str, Any]:
