@@ -102,7 +102,8 @@ def time_ray(
     cfg: XTRAConfig, listing: object, epoch: int, epochs: int, batch_size: int
 ) -> tuple[float, int, float]:
     """(seconds, images, seconds to the first batch) for `epochs` epochs in one stream."""
-    ds = build_dataset(cfg, "train", epoch, train=True, listing=listing, num_epochs=epochs)
+    ds = build_dataset(cfg.data, cfg.model.image_size, "train", epoch, train=True, listing=listing,
+                       num_epochs=epochs)
     n, first, t0 = 0, None, time.perf_counter()
     for batch in ds.iter_torch_batches(batch_size=batch_size):
         n += batch["image"].shape[0]

@@ -125,6 +125,13 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     max_image_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default)
+    max_image_bytes: int = 64 * 2**20  # larger files are bad files, skipped before any download
+    min_image_side: int = 2  # narrower images (1x1 tracking pixels, 1-px strips) are bad files
+    max_bad_fraction: float = 0.05  # stop when bad files pass this fraction of the images seen
+    skip_unreadable_files: bool = False  # a file still unreadable after the retries: skip it
+    s3_max_attempts: int = 10  # per S3 read (AWS standard retry, jittered exponential backoff)
+    s3_connect_timeout_s: float = 3.0
+    s3_request_timeout_s: float = 30.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -138,6 +145,17 @@ class DataConfig:
             raise ConfigError(f"data.hflip_prob={self.hflip_prob} must be in [0, 1]")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={list(self.std)} must be positive")
+        if self.min_image_side < 1:
+            raise ConfigError(f"data.min_image_side={self.min_image_side} must be >= 1")
+        if self.max_image_bytes < 1:
+            raise ConfigError(f"data.max_image_bytes={self.max_image_bytes} must be >= 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if self.s3_max_attempts < 1:
+            raise ConfigError(f"data.s3_max_attempts={self.s3_max_attempts} must be >= 1")
+        for key in ("s3_connect_timeout_s", "s3_request_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be > 0")
 
 
 @dataclass

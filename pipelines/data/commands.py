@@ -5,14 +5,16 @@ prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<nam
   (`/usr/share/datasets/fashion-mnist/`, or `$XTRA_FASHION_MNIST_DIR`) into 28x28 grayscale PNGs
   under class folders `0_t-shirt_top` .. `9_ankle_boot` (sorted names = the original label order).
   `--source <folder or s3://...>` copies a class-folder or manifest dataset: JPEG and PNG files are
-  copied byte for byte, other formats re-encoded as PNG, files that do not decode are skipped and
-  reported; a source without split folders goes to `<dest>/train/`. `--limit N`: a seeded random
+  copied byte for byte, other formats re-encoded as PNG, files that do not decode (or are over
+  `data.max_image_bytes`) are skipped and reported, a file that cannot be read stops the copy naming
+  it; a source without split folders goes to `<dest>/train/`. Every file lands below `<dest>`: a
+  class name that is not a plain folder name (`..`, `a/b`) is refused before anything is written. `--limit N`: a seeded random
   subsample of at most N images per split. Progress goes to stderr, a summary line to stdout.
 
 inspect: decode every file through the pipeline (`pipelines.data`, evaluation transform) on Ray and
   print one JSON object on stdout: `images` (good images), `per_class` (class -> good images, over
-  all splits), `bad_files` (sorted URIs), and `splits` (split -> good images; "" for a root without
-  splits).
+  all splits), `bad_files` (sorted URIs, unreadable files included), and `splits` (split -> good
+  images; "" for a root without splits).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -39,11 +41,14 @@ from pipelines.data.storage import (
     file_info,
     read_bytes,
     resolve,
+    s3_settings,
     storage_error,
-    uri_of,
     write_bytes,
 )
 from pipelines.errors import UserError
+
+if TYPE_CHECKING:
+    from xtra_core.config import DataConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -71,18 +76,19 @@ def prepare(
 ) -> dict[str, int]:
     """Write `source` ('fashion-mnist' or an image folder) to `dest_uri` in the class-folder
     layout; returns images written per split."""
+    from xtra_core.config import DataConfig
+
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of images per split")
-    dest = resolve(dest_uri, s3_endpoint)
+    dest = resolve(dest_uri, s3_settings(DataConfig(s3_endpoint=s3_endpoint)))
     if dest.is_s3:  # fail before any work: the bucket must exist and be reachable
         bucket = dest.path.split("/", 1)[0]
-        if file_info(Location(dest.filesystem, bucket, f"s3://{bucket}"), s3_endpoint).type \
-                == pafs.FileType.NotFound:
+        if file_info(Location(dest.store, bucket, f"s3://{bucket}")).type == pafs.FileType.NotFound:
             raise UserError(f"{dest_uri}: the bucket s3://{bucket} does not exist")
     if source == "fashion-mnist":
-        written, bad = _prepare_fashion_mnist(dest, limit, s3_endpoint), 0
+        written, bad = _prepare_fashion_mnist(dest, limit), 0
     else:
-        written, bad = _prepare_folder(source, dest, limit, s3_endpoint)
+        written, bad = _prepare_folder(DataConfig(uri=source, s3_endpoint=s3_endpoint), dest, limit)
     total = sum(written.values())
     per_split = ", ".join(f"{s}: {n}" for s, n in written.items())
     print(f"wrote {total} images to {dest_uri} ({per_split}; {bad} bad files skipped)")
@@ -114,7 +120,7 @@ def _subsample(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(PREPARE_SEED).permutation(n)[:limit])
 
 
-def _prepare_fashion_mnist(dest: Location, limit: int | None, endpoint: str | None) -> dict[str, int]:
+def _prepare_fashion_mnist(dest: Location, limit: int | None) -> dict[str, int]:
     src = os.environ.get("XTRA_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
     written: dict[str, int] = {}
     for split, stem in FASHION_MNIST_FILES.items():
@@ -136,7 +142,7 @@ def _prepare_fashion_mnist(dest: Location, limit: int | None, endpoint: str | No
                 name = f"{split}/{FASHION_MNIST_CLASSES[labels[i]]}/{split}_{i:05d}.png"
                 yield name, lambda i=i, images=images: _png(images[i])
 
-        written[split] = _write_all(dest, split, len(keep), jobs(), endpoint)
+        written[split] = _write_all(dest, split, len(keep), jobs())
     return written
 
 
@@ -146,12 +152,7 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _prepare_folder(
-    source: str, dest: Location, limit: int | None, endpoint: str | None
-) -> tuple[dict[str, int], int]:
-    from xtra_core.config import DataConfig
-
-    src_cfg = DataConfig(uri=source, s3_endpoint=endpoint)
+def _prepare_folder(src_cfg: DataConfig, dest: Location, limit: int | None) -> tuple[dict[str, int], int]:
     splits = list_every_split(src_cfg)
     written: dict[str, int] = {}
     bad_total = 0
@@ -160,17 +161,28 @@ def _prepare_folder(
         keep = _subsample(len(listing), limit)
         paths = listing.table.column("path").to_pylist()
         labels = listing.table.column("label").to_numpy()
+        sizes = listing.table.column("size").to_pylist()
         names = _dest_names(listing, paths, labels, keep, out_split)
+        for name in names:  # every target below dest, checked before anything is written
+            dest.join(name)
         bad: list[str] = []
         lock = threading.Lock()
 
-        def convert(path: str, listing: Listing = listing, bad: list[str] = bad,
+        def convert(path: str, size: int | None, listing: Listing = listing, bad: list[str] = bad,
                     lock: threading.Lock = lock) -> bytes | None:
-            uri = uri_of(listing.filesystem, path)
+            uri = listing.store.uri_of(path)
+            limit_bytes = src_cfg.max_image_bytes
+            content = b""
+            if (size or 0) <= limit_bytes:  # from the listing: an oversized file is not downloaded
+                try:
+                    content = read_bytes(listing.filesystem, path, limit_bytes)
+                except (OSError, ValueError) as e:  # after the storage's retries: stop, naming it
+                    raise storage_error(Location(listing.store, path, uri), e) from None
             try:
-                content = read_bytes(listing.filesystem, path)
+                if (size or 0) > limit_bytes or len(content) > limit_bytes:
+                    raise BadImage(f"file over data.max_image_bytes={limit_bytes}")
                 img = decode(content, src_cfg.max_image_pixels)
-            except (BadImage, OSError) as e:
+            except BadImage as e:
                 print(f"prepare: skipped bad image {uri} ({e})", file=sys.stderr)
                 with lock:
                     bad.append(uri)
@@ -181,8 +193,8 @@ def _prepare_folder(
             img.save(buf, format="PNG")
             return buf.getvalue()
 
-        jobs = ((names[k], lambda p=paths[i]: convert(p)) for k, i in enumerate(keep))
-        written[out_split] = _write_all(dest, out_split, len(keep), jobs, endpoint)
+        jobs = ((names[k], lambda p=paths[i], n=sizes[i]: convert(p, n)) for k, i in enumerate(keep))
+        written[out_split] = _write_all(dest, out_split, len(keep), jobs)
         written[out_split] -= len(bad)
         bad_total += len(bad)
     return written, bad_total
@@ -191,7 +203,14 @@ def _prepare_folder(
 def _dest_names(
     listing: Listing, paths: list[str], labels: np.ndarray, keep: np.ndarray, split: str
 ) -> list[str]:
-    """`<split>/<class>/<file name>` per kept file; PNG names for re-encoded files; no collisions."""
+    """`<split>/<class>/<file name>` per kept file; PNG names for re-encoded files; no collisions.
+    A class name that is not a plain folder name (`..`, `a/b`, empty) is refused."""
+    for name in listing.classes:
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise UserError(
+                f"{listing.uri}: class {name!r} is not a plain folder name; `xtra data prepare` "
+                "writes one folder per class below --dest"
+            )
     seen: set[str] = set()
     names = []
     for i in keep:
@@ -213,7 +232,6 @@ def _write_all(
     split: str,
     total: int,
     jobs: Iterator[tuple[str, Callable[[], bytes | None]]],
-    endpoint: str | None,
 ) -> int:
     """Run `(relative name, make bytes)` jobs on a thread pool, writing under `dest`; progress on
     stderr every ~10%. Returns the number of jobs (a job returning None writes nothing)."""
@@ -228,7 +246,7 @@ def _write_all(
             try:
                 write_bytes(target.filesystem, target.path, content)
             except (OSError, ValueError) as e:
-                raise storage_error(target.uri, e, endpoint) from None
+                raise storage_error(target, e) from None
 
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
         for _ in pool.map(run, jobs):
@@ -246,12 +264,11 @@ def inspect(uri: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     import ray
 
     from pipelines.data.stream import bad_file_counter, build_dataset
-    from xtra_core.config import XTRAConfig
+    from xtra_core.config import DataConfig, ModelConfig
 
-    cfg = XTRAConfig()
-    cfg.data.uri = uri
-    cfg.data.s3_endpoint = s3_endpoint
-    splits = list_every_split(cfg.data)  # fails fast, before Ray starts, on a bad URI
+    # every bad or unreadable file is reported, none stops the inspection
+    data = DataConfig(uri=uri, s3_endpoint=s3_endpoint, skip_unreadable_files=True, max_bad_fraction=1.0)
+    splits = list_every_split(data)  # fails fast, before Ray starts, on a bad URI
     started = not ray.is_initialized()
     if started:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
@@ -260,7 +277,9 @@ def inspect(uri: str, s3_endpoint: str | None = None) -> dict[str, Any]:
         per_class: dict[str, int] = {}
         per_split: dict[str, int] = {}
         for split, listing in splits.items():
-            ds = build_dataset(cfg, split, 0, train=False, listing=listing, bad_files=counter)
+            ds = build_dataset(
+                data, ModelConfig().image_size, split, 0, train=False, listing=listing, bad_files=counter
+            )
             labels = ds.map_batches(_labels_only, batch_format="numpy")
             counts: dict[int, int] = {}
             for batch in labels.iter_batches(batch_size=4096, batch_format="numpy"):

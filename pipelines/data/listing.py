@@ -10,7 +10,9 @@ Two layouts, on S3 or a local directory (`data.uri`):
   `data.uri` is the manifest itself (rows filtered by `split` if that column exists), or a directory
   holding `<split>.csv` / `<split>.parquet`. Paths are relative to the manifest's folder, absolute
   local paths (local manifests only) or `s3://` URIs; all images of one manifest live on one
-  filesystem. Labels are integers (kept) or class names; no label -> -1.
+  filesystem. Labels are integers (kept) or class names; no label -> -1. A relative path must stay
+  below the manifest's folder (`../x` that climbs out is refused); absolute paths and `s3://` URIs
+  are how a manifest points elsewhere on purpose.
 
 Class index: class names sorted, taken from both the train and the test split (class folders or
 manifest labels), so that one class has the same index in every split. Rows are sorted by path
@@ -33,14 +35,15 @@ import pyarrow.parquet as pq
 
 from pipelines.data.storage import (
     Location,
+    S3Settings,
+    Store,
     file_info,
     is_s3_uri,
     list_dirs,
     list_files,
-    read_bytes,
+    read_manifest_bytes,
     resolve,
-    s3_filesystem,
-    storage_error,
+    s3_settings,
 )
 from pipelines.errors import UserError
 
@@ -58,17 +61,22 @@ UNLABELLED = -1
 class Listing:
     """The files of one split.
 
-    table: columns `path` (string, a path on `filesystem`) and `label` (int64, -1 = unlabelled),
-    one row per file. `classes[i]` is the name of label i (empty for integer manifest labels).
+    table: columns `path` (string, a path in `store`), `label` (int64, -1 = unlabelled) and
+    `size` (int64 bytes from the listing; null when unknown, as for manifest rows), one row per
+    file. `classes[i]` is the name of label i (empty for integer manifest labels).
     """
 
     uri: str
-    filesystem: pafs.FileSystem
+    store: Store
     table: pa.Table
     classes: tuple[str, ...]
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self.store.filesystem
 
     def class_counts(self) -> dict[str, int]:
         """Files per class name (`str(label)` when there are no names, `unlabelled` for -1)."""
@@ -96,10 +104,11 @@ def list_split(data: DataConfig, split: str) -> Listing:
     Raises UserError naming the URI for a missing/empty prefix, a missing split, an unreachable
     endpoint or refused credentials.
     """
-    root = resolve(data.uri, data.s3_endpoint, data.s3_region)
+    s3 = s3_settings(data)
+    root = resolve(data.uri, s3)
     if is_manifest_uri(data.uri):
-        return _manifest_listing(data, root, split=split, classes=None)
-    info = file_info(root, data.s3_endpoint)
+        return _manifest_listing(root, s3, split=split, classes=None)
+    info = file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"{data.uri}: does not exist (no such directory or prefix)")
     if info.type == pafs.FileType.File:
@@ -107,13 +116,13 @@ def list_split(data: DataConfig, split: str) -> Listing:
             f"{data.uri}: is a file; give a directory with {split}/<class>/ folders or a "
             ".csv/.parquet manifest"
         )
-    splits = list_dirs(root, data.s3_endpoint)
+    splits = list_dirs(root)
     if split in splits:
         classes = _folder_classes(data, root)
-        return _folder_listing(root.join(split), data.s3_endpoint, classes)
-    manifest = _split_manifest(root, split, data.s3_endpoint)
+        return _folder_listing(root.join(split), classes)
+    manifest = _split_manifest(root, split)
     if manifest is not None:
-        return _manifest_listing(data, manifest, split=None, classes=_manifest_classes(data, root))
+        return _manifest_listing(manifest, s3, split=None, classes=_manifest_classes(data, root))
     raise UserError(
         f"{data.uri}: no split {split!r}: expected {data.uri.rstrip('/')}/{split}/<class>/<image> "
         f"or {data.uri.rstrip('/')}/{split}.csv; folders there: {splits or 'none'}"
@@ -126,26 +135,27 @@ def list_every_split(data: DataConfig) -> dict[str, Listing]:
     A root that has `data.train_split`/`data.test_split` folders (or manifests) gives those; a root
     of class folders without splits, or a single manifest, gives one entry under the key "".
     """
-    root = resolve(data.uri, data.s3_endpoint, data.s3_region)
+    s3 = s3_settings(data)
+    root = resolve(data.uri, s3)
     if is_manifest_uri(data.uri):
-        return {"": _manifest_listing(data, root, split=None, classes=None)}
-    if file_info(root, data.s3_endpoint).type == pafs.FileType.NotFound:
+        return {"": _manifest_listing(root, s3, split=None, classes=None)}
+    if file_info(root).type == pafs.FileType.NotFound:
         raise UserError(f"{data.uri}: does not exist (no such directory or prefix)")
-    dirs = list_dirs(root, data.s3_endpoint)
+    dirs = list_dirs(root)
     named = [s for s in (data.train_split, data.test_split) if s in dirs]
     manifests = {
         s: m
         for s in (data.train_split, data.test_split)
-        if s not in dirs and (m := _split_manifest(root, s, data.s3_endpoint)) is not None
+        if s not in dirs and (m := _split_manifest(root, s)) is not None
     }
     if named or manifests:
         out = {}
         for s in named:
-            out[s] = _folder_listing(root.join(s), data.s3_endpoint, _folder_classes(data, root))
+            out[s] = _folder_listing(root.join(s), _folder_classes(data, root))
         for s, m in manifests.items():
-            out[s] = _manifest_listing(data, m, split=None, classes=_manifest_classes(data, root))
+            out[s] = _manifest_listing(m, s3, split=None, classes=_manifest_classes(data, root))
         return out
-    return {"": _folder_listing(root, data.s3_endpoint, tuple(dirs))}
+    return {"": _folder_listing(root, tuple(dirs))}
 
 
 # --------------------------------------------------------------------------- class folders
@@ -154,22 +164,24 @@ def list_every_split(data: DataConfig) -> dict[str, Listing]:
 def _folder_classes(data: DataConfig, root: Location) -> tuple[str, ...]:
     names: set[str] = set()
     for split in (data.train_split, data.test_split):
-        names.update(list_dirs(root.join(split), data.s3_endpoint))
+        names.update(list_dirs(root.join(split)))
     return tuple(sorted(names))
 
 
-def _folder_listing(split_root: Location, endpoint: str | None, classes: tuple[str, ...]) -> Listing:
-    infos = list_files(split_root, endpoint)
+def _folder_listing(split_root: Location, classes: tuple[str, ...]) -> Listing:
+    infos = list_files(split_root)
     base = split_root.path.rstrip("/") + "/"
     index = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
     labels: list[int] = []
+    sizes: list[int | None] = []
     for info in sorted(infos, key=lambda i: i.path):
         if not is_image_name(info.path) or not info.path.startswith(base):
             continue
         rel = info.path[len(base) :]
         cls = rel.split("/", 1)[0] if "/" in rel else None
         paths.append(info.path)
+        sizes.append(info.size)
         labels.append(UNLABELLED if cls is None else index.setdefault(cls, len(index)))
     if not paths:
         raise UserError(
@@ -178,26 +190,30 @@ def _folder_listing(split_root: Location, endpoint: str | None, classes: tuple[s
     if len(index) > len(classes):  # a class folder that list_dirs did not report (rare on S3)
         extra = sorted(set(index) - set(classes))
         raise UserError(f"{split_root.uri}: class folders changed while listing: {extra[:5]}")
-    table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
-    return Listing(split_root.uri, split_root.filesystem, table, classes)
+    return Listing(split_root.uri, split_root.store, _table(paths, labels, sizes), classes)
+
+
+def _table(paths: list[str], labels: object, sizes: list[int | None]) -> pa.Table:
+    return pa.table({
+        "path": pa.array(paths, pa.string()),
+        "label": pa.array(labels, pa.int64()),
+        "size": pa.array(sizes, pa.int64()),
+    })
 
 
 # --------------------------------------------------------------------------- manifests
 
 
-def _split_manifest(root: Location, split: str, endpoint: str | None) -> Location | None:
+def _split_manifest(root: Location, split: str) -> Location | None:
     for ext in MANIFEST_EXTENSIONS:
         loc = root.join(split + ext)
-        if file_info(loc, endpoint).type == pafs.FileType.File:
+        if file_info(loc).type == pafs.FileType.File:
             return loc
     return None
 
 
-def _read_manifest(loc: Location, endpoint: str | None) -> pa.Table:
-    try:
-        data = read_bytes(loc.filesystem, loc.path)
-    except (OSError, ValueError) as e:
-        raise storage_error(loc.uri, e, endpoint) from None
+def _read_manifest(loc: Location) -> pa.Table:
+    data = read_manifest_bytes(loc)
     try:
         if loc.path.lower().endswith(".csv"):
             table = pacsv.read_csv(
@@ -219,19 +235,19 @@ def _manifest_classes(data: DataConfig, root: Location) -> tuple[str, ...] | Non
     """Sorted class names over the train and test manifests in `root` (None: integer labels)."""
     names: set[str] = set()
     for split in (data.train_split, data.test_split):
-        loc = _split_manifest(root, split, data.s3_endpoint)
+        loc = _split_manifest(root, split)
         if loc is None:
             continue
-        table = _read_manifest(loc, data.s3_endpoint)
+        table = _read_manifest(loc)
         if "label" in table.column_names and pa.types.is_string(table.column("label").type):
             names.update(v for v in table.column("label").to_pylist() if v is not None)
     return tuple(sorted(names)) if names else None
 
 
 def _manifest_listing(
-    data: DataConfig, loc: Location, split: str | None, classes: tuple[str, ...] | None
+    loc: Location, s3: S3Settings, split: str | None, classes: tuple[str, ...] | None
 ) -> Listing:
-    table = _read_manifest(loc, data.s3_endpoint)
+    table = _read_manifest(loc)
     labels_col = table.column("label") if "label" in table.column_names else None
     string_labels = labels_col is not None and (
         pa.types.is_string(labels_col.type) or pa.types.is_large_string(labels_col.type)
@@ -247,7 +263,7 @@ def _manifest_listing(
     raw_paths = table.column("path").to_pylist()
     if any(p is None or p == "" for p in raw_paths):
         raise UserError(f"{loc.uri}: manifest has empty 'path' values")
-    filesystem, paths = _manifest_paths(data, loc, raw_paths)
+    store, paths = _manifest_paths(loc, s3, raw_paths)
 
     if labels_col is None:
         labels = np.full(len(paths), UNLABELLED, dtype=np.int64)
@@ -263,32 +279,35 @@ def _manifest_listing(
             labels = table.column("label").fill_null(UNLABELLED).cast(pa.int64()).to_numpy()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise UserError(f"{loc.uri}: 'label' must hold integers or class names") from None
-    out = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
-    return Listing(loc.uri, filesystem, out, classes or ())
+    out = _table(paths, labels, [None] * len(paths))
+    return Listing(loc.uri, store, out, classes or ())
 
 
-def _manifest_paths(
-    data: DataConfig, manifest: Location, raw: list[str]
-) -> tuple[pafs.FileSystem, list[str]]:
-    """Manifest entries -> (one filesystem, paths on it)."""
+def _manifest_paths(manifest: Location, s3: S3Settings, raw: list[str]) -> tuple[Store, list[str]]:
+    """Manifest entries -> (one store, paths in it). A relative entry that climbs out of the
+    manifest's folder is refused."""
     kinds = {"s3" if is_s3_uri(p) else "abs" if p.startswith("/") else "rel" for p in raw}
     if "s3" in kinds and kinds != {"s3"} and not (manifest.is_s3 and kinds == {"s3", "rel"}):
         raise UserError(f"{manifest.uri}: paths mix s3:// URIs and local paths")
     if "abs" in kinds and manifest.is_s3:
         raise UserError(f"{manifest.uri}: an S3 manifest cannot hold absolute local paths")
     base = posixpath.dirname(manifest.path)
-    if kinds <= {"s3", "rel"} and manifest.is_s3:
-        fs = manifest.filesystem
-    elif "s3" in kinds:
-        fs = s3_filesystem(data.s3_endpoint, data.s3_region)
-    else:
-        fs = manifest.filesystem
+    store = Store(s3) if "s3" in kinds and not manifest.is_s3 else manifest.store
     paths = []
+    escaping = []
     for p in raw:
         if is_s3_uri(p):
             paths.append(p[len("s3://") :])
         elif p.startswith("/"):
             paths.append(posixpath.normpath(p))
         else:
-            paths.append(posixpath.normpath(posixpath.join(base, p)))
-    return fs, paths
+            path = posixpath.normpath(posixpath.join(base, p))
+            if not path.startswith(base.rstrip("/") + "/"):
+                escaping.append(p)
+            paths.append(path)
+    if escaping:
+        raise UserError(
+            f"{manifest.uri}: {len(escaping)} relative path(s) climb out of the manifest's folder, "
+            f"e.g. {escaping[0]!r}; use an absolute path or an s3:// URI to point elsewhere"
+        )
+    return store, paths

@@ -1,22 +1,24 @@
 """Ray Data: stream decoded, augmented uint8 images from S3 or a local directory.
 
-`build_dataset(cfg, split, epoch, train)` returns a lazy `ray.data.Dataset` (nothing is read or
-materialised until it is iterated) with, per row:
+`build_dataset(data_cfg, image_size, split, epoch, train)` returns a lazy `ray.data.Dataset`
+(nothing is read or materialised until it is iterated) with, per row:
 
-    image: uint8 [H, W, 3] (HWC, H = W = cfg.model.image_size)     label: int64 (-1 = unlabelled)
+    image: uint8 [H, W, 3] (HWC, H = W = image_size)                 label: int64 (-1 = unlabelled)
     path:  str, the file's URI                                       (only with `with_paths=True`)
 
 so `iter_torch_batches(batch_size=B)` yields `image` uint8 [B, H, W, 3] and `label` int64 [B]; the
 training worker turns images into float [B, 3, H, W] with `pipelines.data.images.normalize`. Only uint8
 crosses the object store.
 
-How it streams. The listing (paths + labels, `pipelines.data.listing`) is put once into the object store.
-The dataset is a window of row ids of the endless chain of epochs (id r = position r % N of epoch
-`epoch + r // N`; by default `num_epochs * N` ids from 0, or `num_rows` ids from `first_row` for a
-resumed run): a `ray.data.range` cut into blocks of `rows_per_block(image_size)` ids (~32 MiB of
-output each). One fused Ray task per block maps each id to (epoch, position), position to a file
-through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent GETs) and decodes + augments them with
-PIL (`pipelines.data.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
+How it streams. The listing (paths + labels + sizes, `pipelines.data.listing`) is put once into the
+object store, with its `Store` (the S3 settings, from which each process builds its filesystem with
+the configured retries). The dataset is a window of row ids of the endless chain of epochs (id r =
+position r % N of epoch `epoch + r // N`; by default `num_epochs * N` ids from 0, or `num_rows` ids
+from `first_row` for a resumed run): a `ray.data.range` cut into blocks of `rows_per_block(image_size)`
+ids (~32 MiB of output each). One fused Ray task per block maps each id to (epoch, position),
+position to a file through that epoch's permutation, fetches the files (`FETCH_THREADS` concurrent
+GETs) and decodes + augments them with PIL (`pipelines.data.images`). Nothing holds image bytes at
+list time, so listings of ImageNet size work.
 
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
 epoch; evaluation keeps listing order) and draws each file's crop and flip from
@@ -24,12 +26,20 @@ epoch; evaluation keeps listing order) and draws each file's crop and flip from
 task placement or retries, so (seed, epoch) reproduces every pixel. `num_epochs > 1` chains epochs
 `epoch .. epoch + num_epochs - 1` in one dataset, for a trainer that is handed a single dataset.
 
-Bad files. A file that fails to read or decode (empty, truncated, not an image, over
-`data.max_image_pixels`) is dropped from its batch and logged by the worker as one line
+Network errors are not bad files. A read goes through the S3 SDK's own retries
+(`data.s3_max_attempts`, backoff, see `pipelines.data.storage`); a file still unreadable after them
+stops the stream with `UnreadableFile` naming it, unless `data.skip_unreadable_files` is set (then it
+is skipped and named like a bad file).
+
+Bad files. A file whose content is not a usable image (empty, truncated, not an image, over
+`data.max_image_pixels`, a side under `data.min_image_side`, or over `data.max_image_bytes` by the
+listing's size, checked before any download) is dropped from its batch and logged by the worker as one line
 `xtra data: skipped bad image <uri> (<reason>)`. When a `BadFileCounter` actor is passed
-(`bad_files=`), each bad (epoch, file) is also recorded there exactly once (retried tasks do not
-double-count); the training loop reads `ray.get(counter.count.remote())` at every logging interval
-and logs the increase as its bad-file metric. `counter.summary.remote()` gives the paths and reasons.
+(`bad_files=`), every task reports its rows and bad files there (keyed by block and (epoch, file), so
+retried tasks do not double-count); once `min(BAD_FRACTION_MIN_SEEN, rows in the dataset)` images
+have been seen, bad files over `data.max_bad_fraction` of them stop the stream with `TooManyBadFiles`.
+The training loop reads `ray.get(counter.count.remote())` at every logging interval and logs the
+increase as its bad-file metric; `counter.summary.remote()` gives the paths and reasons.
 """
 
 from __future__ import annotations
@@ -46,12 +56,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from pipelines.data.images import BadImage, eval_transform, file_rng, train_transform
+from pipelines.data.images import BadImage, eval_transform, file_rng, open_image, train_transform
 from pipelines.data.listing import Listing, list_split
-from pipelines.data.storage import read_bytes, uri_of
+from pipelines.data.storage import Store, read_bytes
+from pipelines.errors import UserError
 
 if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
-    from xtra_core.config import XTRAConfig
+    from xtra_core.config import DataConfig
 
 logger = logging.getLogger("xtra.data")
 
@@ -60,30 +71,45 @@ MIN_ROWS_PER_BLOCK, MAX_ROWS_PER_BLOCK = 64, 1024
 MAX_BLOCKS = 100_000  # beyond this, blocks grow instead (Ray plans one read task per block)
 FETCH_THREADS = 8  # concurrent reads per task (S3 GET latency), decoding stays on one core
 _ORDER_SALT = 0x0F11E5  # keeps the file-order stream apart from the per-file crop streams
+BAD_FRACTION_MIN_SEEN = 500  # images seen before data.max_bad_fraction is judged
+
+
+class UnreadableFile(UserError):
+    """A file that could not be read after the storage's retries (a network or storage error)."""
+
+
+class TooManyBadFiles(UserError):
+    """Bad files passed data.max_bad_fraction of the images seen."""
 
 
 @ray.remote(num_cpus=0)
 class BadFileCounter:
-    """Bad files seen by the decode tasks: distinct (epoch, path) pairs and the latest reason."""
+    """What the decode tasks saw: rows per block, distinct bad (epoch, path) pairs, latest reasons."""
 
     def __init__(self) -> None:
         self._seen: set[tuple[int, str]] = set()
         self._reasons: dict[str, str] = {}
+        self._blocks: set[int] = set()
+        self._rows = 0
 
-    def add(self, epoch: int, items: list[tuple[str, str]]) -> int:
-        """Record `[(uri, reason), ...]` for `epoch`; returns the total count."""
-        for uri, reason in items:
+    def add(self, block: int, rows: int, items: list[tuple[int, str, str]]) -> tuple[int, int]:
+        """A decode task's report: its block (first row id), its `rows` and its bad files
+        `[(epoch, uri, reason), ...]`. Returns (bad files, rows seen) so far."""
+        if block not in self._blocks:  # a retried task reports its block again
+            self._blocks.add(block)
+            self._rows += rows
+        for epoch, uri, reason in items:
             self._seen.add((epoch, uri))
             self._reasons[uri] = reason
-        return len(self._seen)
+        return len(self._seen), self._rows
 
     def count(self) -> int:
         """Distinct (epoch, file) pairs skipped so far (monotonic: diff it per logging interval)."""
         return len(self._seen)
 
     def summary(self) -> dict[str, Any]:
-        """`{"count": int, "files": {uri: reason}}` with files sorted by URI."""
-        return {"count": len(self._seen), "files": dict(sorted(self._reasons.items()))}
+        """`{"count": int, "rows": int, "files": {uri: reason}}`, files sorted by URI."""
+        return {"count": len(self._seen), "rows": self._rows, "files": dict(sorted(self._reasons.items()))}
 
 
 def bad_file_counter(name: str | None = None) -> ray.actor.ActorHandle:
@@ -110,12 +136,19 @@ class _DecodeSpec:
     crop_ratio: tuple[float, float]
     hflip_prob: float
     max_image_pixels: int
+    max_image_bytes: int
+    min_image_side: int
+    max_bad_fraction: float
+    min_seen: int  # images seen before the bad fraction is judged
+    skip_unreadable: bool
+    read_attempts: int  # for messages
     seed: int
     with_paths: bool
 
 
 def build_dataset(
-    cfg: XTRAConfig,
+    data: DataConfig,
+    image_size: int,
     split: str,
     epoch: int,
     train: bool,
@@ -129,9 +162,9 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """A lazy, streaming dataset of epochs `epoch .. epoch + num_epochs - 1` of `split`.
 
-    Rows: `image` uint8 [S, S, 3] (S = cfg.model.image_size), `label` int64, and `path` (file URI)
-    if `with_paths`. `train=True`: a new file order and RandomResizedCrop + flip per epoch (Table 1,
-    from `cfg.data`); `train=False`: listing order, resize + centre crop. Pass a `listing` from
+    Rows: `image` uint8 [S, S, 3] (S = image_size), `label` int64, and `path` (file URI) if
+    `with_paths`. `train=True`: a new file order and RandomResizedCrop + flip per epoch (Table 1,
+    from `data`); `train=False`: listing order, resize + centre crop. Pass a `listing` from
     `pipelines.data.listing.list_split` to avoid listing the bucket again for every epoch, and a
     `BadFileCounter` handle as `bad_files` to count skipped files (see the module doc).
 
@@ -141,7 +174,6 @@ def build_dataset(
     """
     if num_epochs < 1 or first_row < 0:
         raise ValueError(f"need num_epochs >= 1 and first_row >= 0, got {num_epochs}, {first_row}")
-    data = cfg.data
     listing = listing if listing is not None else list_split(data, split)
     total = len(listing) * num_epochs - first_row if num_rows is None else num_rows
     if total < 1:
@@ -150,16 +182,22 @@ def build_dataset(
         first_epoch=epoch,
         first_row=first_row,
         train=train,
-        image_size=cfg.model.image_size,
+        image_size=image_size,
         crop_scale=tuple(data.crop_scale),
         crop_ratio=tuple(data.crop_ratio),
         hflip_prob=data.hflip_prob,
         max_image_pixels=data.max_image_pixels,
+        max_image_bytes=data.max_image_bytes,
+        min_image_side=data.min_image_side,
+        max_bad_fraction=data.max_bad_fraction,
+        min_seen=min(BAD_FRACTION_MIN_SEEN, total),
+        skip_unreadable=data.skip_unreadable_files,
+        read_attempts=listing.store.s3.max_attempts if listing.store.s3 is not None else 1,
         seed=data.seed,
         with_paths=with_paths,
     )
-    listing_ref = ray.put((listing.table, listing.filesystem))
-    blocks = max(1, min(MAX_BLOCKS, math.ceil(total / rows_per_block(cfg.model.image_size))))
+    listing_ref = ray.put((listing.table, listing.store))  # the store pickles as its settings
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(total / rows_per_block(image_size))))
     return ray.data.range(total, override_num_blocks=blocks).map_batches(
         _decode_batch,
         batch_format="numpy",
@@ -177,11 +215,11 @@ def rows_per_block(image_size: int) -> int:
 
 # --------------------------------------------------------------------------- decode tasks
 
-_LISTINGS: OrderedDict[str, tuple[pa.Table, pafs.FileSystem]] = OrderedDict()
+_LISTINGS: OrderedDict[str, tuple[pa.Table, Store]] = OrderedDict()
 _ORDERS: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
 
-def _cached_listing(ref: ray.ObjectRef) -> tuple[pa.Table, pafs.FileSystem]:
+def _cached_listing(ref: ray.ObjectRef) -> tuple[pa.Table, Store]:
     key = ref.hex()
     if key not in _LISTINGS:
         _LISTINGS[key] = ray.get(ref)  # zero-copy view of the object store
@@ -199,6 +237,28 @@ def _cached_order(ref: ray.ObjectRef, n: int, seed: int, epoch: int) -> np.ndarr
     return _ORDERS[key]
 
 
+def _fetch_all(
+    filesystem: pafs.FileSystem, paths: list[str], sizes: list[int | None], max_bytes: int
+) -> list[bytes | BadImage | OSError]:
+    """The files' bytes, fetched `FETCH_THREADS` at a time: `BadImage` for a file over `max_bytes`
+    (from the listing's size: nothing downloaded; else after at most `max_bytes + 1` bytes), the
+    storage's error (after its retries) for a file that cannot be read."""
+
+    def fetch(i: int) -> bytes | BadImage | OSError:
+        if sizes[i] is not None and sizes[i] > max_bytes:
+            return BadImage(f"{sizes[i]} bytes > data.max_image_bytes={max_bytes}")
+        try:
+            content = read_bytes(filesystem, paths[i], max_bytes)
+        except (OSError, ValueError) as e:  # pyarrow raises OSError for storage/network errors
+            return e if isinstance(e, OSError) else OSError(str(e))
+        if len(content) > max_bytes:  # no size in the listing (a manifest row)
+            return BadImage(f"over data.max_image_bytes={max_bytes} bytes")
+        return content
+
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(paths) or 1)) as pool:
+        return list(pool.map(fetch, range(len(paths))))
+
+
 def _decode_batch(
     batch: dict[str, np.ndarray],
     listing_ref: list[ray.ObjectRef],
@@ -207,7 +267,7 @@ def _decode_batch(
 ) -> dict[str, np.ndarray]:
     """Row ids [B] -> decoded images [B', S, S, 3] uint8 + labels [B'] (B' <= B: bad files dropped)."""
     ref = listing_ref[0]
-    table, filesystem = _cached_listing(ref)
+    table, store = _cached_listing(ref)
     n = table.num_rows
     ids = spec.first_row + np.asarray(batch["id"], dtype=np.int64)  # row ids in the epoch chain
     epochs = spec.first_epoch + ids // n
@@ -216,27 +276,27 @@ def _decode_batch(
         for e in np.unique(epochs):
             sel = epochs == e
             rows[sel] = _cached_order(ref, n, spec.seed, int(e))[rows[sel]]
-    paths = table.column("path").take(pa.array(rows)).to_pylist()
+    take = pa.array(rows)
+    paths = table.column("path").take(take).to_pylist()
+    sizes = table.column("size").take(take).to_pylist()
     labels = table.column("label").to_numpy()[rows]
-
-    def fetch(path: str) -> bytes | Exception:
-        try:
-            return read_bytes(filesystem, path)
-        except Exception as e:  # missing file, network error: this file is bad, the run goes on
-            return e
-
-    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(paths) or 1)) as pool:
-        contents = list(pool.map(fetch, paths))
+    contents = _fetch_all(store.filesystem, paths, sizes, spec.max_image_bytes)
 
     size = spec.image_size
     images: list[np.ndarray] = []
     keep: list[int] = []
-    bad: dict[int, list[tuple[str, str]]] = {}
+    bad: list[tuple[int, str, str]] = []
     for i, (path, content) in enumerate(zip(paths, contents)):
         epoch = int(epochs[i])
         try:
-            if isinstance(content, Exception):
-                raise BadImage(f"cannot read: {type(content).__name__}: {str(content).splitlines()[0]}")
+            if isinstance(content, OSError):
+                raise _unreadable(store.uri_of(path), content, spec)
+            if isinstance(content, BadImage):
+                raise content
+            if spec.min_image_side > 1:  # header only
+                w, h = open_image(content, spec.max_image_pixels).size
+                if min(w, h) < spec.min_image_side:
+                    raise BadImage(f"{w}x{h} image < data.min_image_side={spec.min_image_side}")
             if spec.train:
                 image = train_transform(
                     content,
@@ -250,19 +310,37 @@ def _decode_batch(
             else:
                 image = eval_transform(content, size, spec.max_image_pixels)
         except BadImage as e:
-            uri = uri_of(filesystem, path)
+            uri = store.uri_of(path)
             logger.warning("xtra data: skipped bad image %s (%s)", uri, e)
-            bad.setdefault(epoch, []).append((uri, str(e)))
+            bad.append((epoch, uri, str(e)))
             continue
         images.append(image)
         keep.append(i)
-    if bad and bad_files is not None:
-        ray.get([bad_files.add.remote(e, items) for e, items in bad.items()])
+    if bad_files is not None and len(ids):
+        count, seen = ray.get(bad_files.add.remote(int(ids[0]), len(ids), bad))
+        if seen >= spec.min_seen and count > spec.max_bad_fraction * seen:
+            example = f"; e.g. {bad[0][1]} ({bad[0][2]})" if bad else ""
+            raise TooManyBadFiles(
+                f"xtra data: {count} bad files in {seen} images seen ({count / seen:.1%}) passes "
+                f"data.max_bad_fraction={spec.max_bad_fraction}{example}; "
+                "`xtra data inspect <uri>` lists them all"
+            )
 
     out: dict[str, np.ndarray] = {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
         "label": labels[keep].astype(np.int64),
     }
     if spec.with_paths:
-        out["path"] = np.array([uri_of(filesystem, paths[i]) for i in keep], dtype=object)
+        out["path"] = np.array([store.uri_of(paths[i]) for i in keep], dtype=object)
     return out
+
+
+def _unreadable(uri: str, error: OSError, spec: _DecodeSpec) -> BadImage:
+    """A read error after the storage's retries: a bad file if the user opted in, else the end."""
+    reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    if spec.skip_unreadable:
+        return BadImage(f"unreadable after {spec.read_attempts} attempt(s): {reason}")
+    raise UnreadableFile(
+        f"{uri}: still unreadable after {spec.read_attempts} attempt(s) ({reason}); stopping rather "
+        "than training without it (data.skip_unreadable_files=true skips such files, named in the log)"
+    )

@@ -38,7 +38,8 @@ class TrainStream:
         the `bad_files` counter actor (`pipelines.data.BadFileCounter`)."""
         spare = int(num_rows * SPARE_FRACTION) + 2 * self.cfg.train.global_batch_size
         return build_dataset(
-            self.cfg,
+            self.cfg.data,
+            self.cfg.model.image_size,
             self.cfg.data.train_split,
             epoch=0,
             train=True,
@@ -58,6 +59,6 @@ def build_train_stream(cfg: XTRAConfig) -> TrainStream:
 def open_storage(storage_path: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path) of a run storage location, local or s3://."""
     if storage.is_s3_uri(storage_path):
-        loc = storage.resolve(storage_path, cfg.data.s3_endpoint, cfg.data.s3_region)
+        loc = storage.resolve(storage_path, storage.s3_settings(cfg.data))
         return loc.filesystem, loc.path.rstrip("/")
     return pafs.LocalFileSystem(), str(storage_path).rstrip("/")

@@ -272,7 +272,8 @@ def _inference(
     base = listings[0]
     both = dataclasses.replace(base, table=pa.concat_tables([lst.table for lst in listings]))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    ds = build_dataset(cfg, "probe", 0, train=False, listing=both, with_paths=True)
+    ds = build_dataset(cfg.data, cfg.model.image_size, "probe", 0, train=False, listing=both,
+                       with_paths=True)
     ds = ds.map_batches(
         EncoderInference,
         fn_constructor_kwargs={
@@ -413,7 +414,7 @@ def attentive_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     mean, std, last_n = cfg.data.mean, cfg.data.std, p.attentive_last_n
 
     def feature_batches(listing: Listing, epoch: int, train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ds = build_dataset(cfg, "probe", epoch, train=train, listing=listing)
+        ds = build_dataset(cfg.data, cfg.model.image_size, "probe", epoch, train=train, listing=listing)
         for b in ds.iter_torch_batches(batch_size=p.batch_size, device="cpu"):
             feats = encode_images(encoder, b["image"], last_n, mean, std)  # [B, N, D]
             yield feats, b["label"].to(device)

@@ -364,12 +364,12 @@ def test_reads_class_folders_from_s3_with_labels_and_counts(ray_cluster, s3_serv
     from pipelines.data.stream import build_dataset
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
-    rows = build_dataset(cfg, "train", 0, train=False, with_paths=True).take_all()
+    rows = build_dataset(cfg.data, SIZE, "train", 0, train=False, with_paths=True).take_all()
     assert len(rows) == 12  # 3 classes x 4 good images; the 4 bad ones are skipped
     assert Counter(int(r["label"]) for r in rows) == {0: 4, 1: 4, 2: 4}
     assert all(r["path"].startswith(f"{s3_dataset}/train/") for r in rows)
     assert all(r["image"].shape == (SIZE, SIZE, 3) and r["image"].dtype == np.uint8 for r in rows)
-    test_rows = build_dataset(cfg, "test", 0, train=False).take_all()
+    test_rows = build_dataset(cfg.data, SIZE, "test", 0, train=False).take_all()
     assert Counter(int(r["label"]) for r in test_rows) == {1: 2, 2: 2}  # cat=1, dog=2 as in train
 
 
@@ -384,7 +384,7 @@ def test_reads_a_manifest_from_s3(ray_cluster, s3_server) -> None:
     lines.append(f"s3://{bucket}/m/flat/005.png,odd")  # an absolute s3:// entry
     s3_server.put(f"s3://{bucket}/m/train.csv", "\n".join(lines).encode())
     cfg = s3_config(s3_server, f"s3://{bucket}/m")
-    rows = build_dataset(cfg, "train", 0, train=True, with_paths=True).take_all()
+    rows = build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True).take_all()
     assert Counter(int(r["label"]) for r in rows) == {0: 3, 1: 3}  # even=0, odd=1
     assert {r["path"] for r in rows} == {f"s3://{bucket}/m/{k}" for k in files}
 
@@ -397,25 +397,25 @@ def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
     from pipelines.data.stream import build_dataset, epoch_order
 
     cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
-    e0 = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
-    e0_again = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
-    e1 = rows_by_path(build_dataset(cfg, "train", 1, train=True, with_paths=True))
+    e0 = rows_by_path(build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True))
+    e0_again = rows_by_path(build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True))
+    e1 = rows_by_path(build_dataset(cfg.data, SIZE, "train", 1, train=True, with_paths=True))
     # blocks of 3 files (5 decode tasks instead of 1): the same pixels
     monkeypatch.setattr(data_module, "MIN_ROWS_PER_BLOCK", 3)
     monkeypatch.setattr(data_module, "MAX_ROWS_PER_BLOCK", 3)
-    small_blocks = build_dataset(cfg, "train", 0, train=True, with_paths=True).materialize()
+    small_blocks = build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True).materialize()
     assert small_blocks.num_blocks() >= 5
     for p, r in rows_by_path(small_blocks).items():
         assert np.array_equal(r["image"], e0[p]["image"])
     monkeypatch.undo()
     # two epochs in one dataset are exactly epochs 0 and 1
-    both = build_dataset(cfg, "train", 0, train=True, num_epochs=2, with_paths=True).take_all()
+    both = build_dataset(cfg.data, SIZE, "train", 0, train=True, num_epochs=2, with_paths=True).take_all()
     assert Counter(r["path"] for r in both) == {p: 2 for p in e0}
     for r in both:
         p = r["path"]
         assert np.array_equal(r["image"], e0[p]["image"]) or np.array_equal(r["image"], e1[p]["image"])
     # a window that starts mid-epoch (a resumed run) continues the same chain of epochs
-    window = build_dataset(cfg, "train", 0, train=True, first_row=5, num_rows=12, with_paths=True)
+    window = build_dataset(cfg.data, SIZE, "train", 0, train=True, first_row=5, num_rows=12, with_paths=True)
     listing = list_split(cfg.data, "train")  # 16 files: 12 good + 4 bad
     paths = [f"s3://{p}" for p in listing.table["path"].to_pylist()]
     expected = [(0, paths[i]) for i in epoch_order(16, 0, 0)[5:]] + [(1, paths[epoch_order(16, 0, 1)[0]])]
@@ -426,7 +426,7 @@ def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
         e = dict((p, e) for e, p in expected)[r["path"]]
         assert np.array_equal(r["image"], (e0, e1)[e][r["path"]]["image"])
     cfg.data.seed = 1
-    s1 = rows_by_path(build_dataset(cfg, "train", 0, train=True, with_paths=True))
+    s1 = rows_by_path(build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True))
     assert set(e0) == set(e0_again) == set(e1) == set(s1) and len(e0) == 12
     for p in e0:
         img = e0[p]["image"]
@@ -442,10 +442,10 @@ def test_flips_vary_per_file_and_epoch_in_the_stream(ray_cluster, s3_server, s3_
 
     # scale (1, 1) and ratio (1, 1) on the square test images: only the flip is random
     cfg = s3_config(s3_server, s3_dataset, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    plain = rows_by_path(build_dataset(cfg, "test", 0, train=False, with_paths=True))
+    plain = rows_by_path(build_dataset(cfg.data, SIZE, "test", 0, train=False, with_paths=True))
     flipped = {}
     for epoch in range(8):
-        for p, r in rows_by_path(build_dataset(cfg, "test", epoch, train=True, with_paths=True)).items():
+        for p, r in rows_by_path(build_dataset(cfg.data, SIZE, "test", epoch, train=True, with_paths=True)).items():
             same = np.array_equal(r["image"], plain[p]["image"])
             mirrored = np.array_equal(r["image"], plain[p]["image"][:, ::-1])
             assert same or mirrored
@@ -461,10 +461,11 @@ def test_bad_files_are_counted_and_skipped_and_every_good_image_kept(
 ) -> None:
     from pipelines.data.stream import bad_file_counter, build_dataset
 
-    cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT)
+    # 4 bad files of 16: over the default data.max_bad_fraction, which this test is not about
+    cfg = s3_config(s3_server, s3_dataset, max_image_pixels=BOMB_LIMIT, max_bad_fraction=1.0)
     counter = bad_file_counter()
     rows = build_dataset(
-        cfg, "train", 0, train=True, num_epochs=2, bad_files=counter, with_paths=True
+        cfg.data, SIZE, "train", 0, train=True, num_epochs=2, bad_files=counter, with_paths=True
     ).take_all()
     good = {f"{s3_dataset}/{k}" for k in good_dataset() if k.startswith("train/")}
     assert Counter(r["path"] for r in rows) == {p: 2 for p in good}  # every good image, each epoch
