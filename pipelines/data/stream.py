@@ -35,8 +35,8 @@ Bad files. A file whose content is not a usable image (empty, truncated, not an 
 `data.max_image_pixels`, a side under `data.min_image_side`, or over `data.max_image_bytes` by the
 listing's size, checked before any download) is dropped from its batch and logged by the worker as one line
 `xtra data: skipped bad image <uri> (<reason>)`. When a `BadFileCounter` actor is passed
-(`bad_files=`), every task reports its rows and bad files there (keyed by block and (epoch, file), so
-retried tasks do not double-count); once `min(BAD_FRACTION_MIN_SEEN, rows in the dataset)` images
+(`bad_files=`), every task reports its rows and bad files there (bad files keyed by (epoch, file), so
+retried tasks do not double-count them); once `min(BAD_FRACTION_MIN_SEEN, rows in the dataset)` images
 have been seen, bad files over `data.max_bad_fraction` of them stop the stream with `TooManyBadFiles`.
 The training loop reads `ray.get(counter.count.remote())` at every logging interval and logs the
 increase as its bad-file metric; `counter.summary.remote()` gives the paths and reasons.
@@ -84,20 +84,20 @@ class TooManyBadFiles(UserError):
 
 @ray.remote(num_cpus=0)
 class BadFileCounter:
-    """What the decode tasks saw: rows per block, distinct bad (epoch, path) pairs, latest reasons."""
+    """What the decode tasks saw: rows, distinct bad (epoch, path) pairs, latest reasons.
+
+    Memory grows with the bad files only. A task that Ray retries reports its rows again: the rows
+    seen can only be over-counted, which errs towards going on, never towards a false stop."""
 
     def __init__(self) -> None:
         self._seen: set[tuple[int, str]] = set()
         self._reasons: dict[str, str] = {}
-        self._blocks: set[int] = set()
         self._rows = 0
 
-    def add(self, block: int, rows: int, items: list[tuple[int, str, str]]) -> tuple[int, int]:
-        """A decode task's report: its block (first row id), its `rows` and its bad files
-        `[(epoch, uri, reason), ...]`. Returns (bad files, rows seen) so far."""
-        if block not in self._blocks:  # a retried task reports its block again
-            self._blocks.add(block)
-            self._rows += rows
+    def add(self, rows: int, items: list[tuple[int, str, str]]) -> tuple[int, int]:
+        """A decode task's report: its `rows` and its bad files `[(epoch, uri, reason), ...]`.
+        Returns (bad files, rows seen) so far."""
+        self._rows += rows
         for epoch, uri, reason in items:
             self._seen.add((epoch, uri))
             self._reasons[uri] = reason
@@ -317,7 +317,7 @@ def _decode_batch(
         images.append(image)
         keep.append(i)
     if bad_files is not None and len(ids):
-        count, seen = ray.get(bad_files.add.remote(int(ids[0]), len(ids), bad))
+        count, seen = ray.get(bad_files.add.remote(len(ids), bad))
         if seen >= spec.min_seen and count > spec.max_bad_fraction * seen:
             example = f"; e.g. {bad[0][1]} ({bad[0][2]})" if bad else ""
             raise TooManyBadFiles(
