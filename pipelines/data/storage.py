@@ -12,9 +12,10 @@ S3 (or any S3-compatible store) is reached through `pyarrow.fs.S3FileSystem`:
 - credentials: the standard AWS chain (environment, `~/.aws` profile, instance role). This module
   never reads, prints or logs them; error messages name the URI and the endpoint only.
 - retries: the AWS SDK's standard strategy (`AwsStandardS3RetryStrategy`: jittered exponential
-  backoff, up to 20 s between attempts). Image reads make `data.s3_max_attempts` attempts (default
-  10: about a minute of outage is ridden out); listing and manifest reads make at most
-  `LIST_MAX_ATTEMPTS`, so a wrong endpoint fails in seconds, before any compute starts.
+  backoff, up to 20 s between attempts). Image reads make `data.s3_max_attempts` attempts
+  (default 10: waits of up to 2, 4, 8, 16, then 20 s, about 100 s in all on average); listing and
+  manifest reads make at most `LIST_MAX_ATTEMPTS`, so a wrong endpoint fails in seconds, before any
+  compute starts.
   Timeouts: `data.s3_connect_timeout_s`, `data.s3_request_timeout_s`.
 
 A `Store` pickles as its settings and builds its filesystem in each process (cached): pyarrow's
