@@ -38,6 +38,8 @@ listing's size, checked before any download) is dropped from its batch and logge
 (`bad_files=`), every task reports its rows and bad files there (bad files keyed by (epoch, file), so
 retried tasks do not double-count them); once `min(BAD_FRACTION_MIN_SEEN, rows in the dataset)` images
 have been seen, bad files over `data.max_bad_fraction` of them stop the stream with `TooManyBadFiles`.
+Ray Data hands the driver such an error wrapped, without its type: `stream_stop_error(counter)`
+gives the data's reason back as one `UserError` line.
 The training loop reads `ray.get(counter.count.remote())` at every logging interval and logs the
 increase as its bad-file metric; `counter.summary.remote()` gives the paths and reasons.
 """
@@ -93,6 +95,7 @@ class BadFileCounter:
         self._seen: set[tuple[int, str]] = set()
         self._reasons: dict[str, str] = {}
         self._rows = 0
+        self._stop_reason: str | None = None
 
     def add(self, rows: int, items: list[tuple[int, str, str]]) -> tuple[int, int]:
         """A decode task's report: its `rows` and its bad files `[(epoch, uri, reason), ...]`.
@@ -107,6 +110,15 @@ class BadFileCounter:
         """Distinct (epoch, file) pairs skipped so far (monotonic: diff it per logging interval)."""
         return len(self._seen)
 
+    def stop(self, reason: str) -> None:
+        """A decode task stops the stream (`UnreadableFile`, `TooManyBadFiles`): the first reason is
+        kept, since Ray Data hands the driver a wrapped error that no longer has the type."""
+        self._stop_reason = self._stop_reason or reason
+
+    def stop_reason(self) -> str | None:
+        """Why the stream stopped (one line naming the file or the fraction), or None."""
+        return self._stop_reason
+
     def summary(self) -> dict[str, Any]:
         """`{"count": int, "rows": int, "files": {uri: reason}}`, files sorted by URI."""
         return {"count": len(self._seen), "rows": self._rows, "files": dict(sorted(self._reasons.items()))}
@@ -117,6 +129,13 @@ def bad_file_counter(name: str | None = None) -> ray.actor.ActorHandle:
     if name is None:
         return BadFileCounter.remote()
     return BadFileCounter.options(name=name, get_if_exists=True).remote()
+
+
+def stream_stop_error(counter: ray.actor.ActorHandle) -> UserError | None:
+    """After a failed stream: the data's own reason as a one-line UserError, or None if the data
+    did not stop it. A driver re-raises it instead of Ray's wrapped traceback."""
+    reason = ray.get(counter.stop_reason.remote())
+    return UserError(reason) if reason else None
 
 
 def epoch_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
@@ -290,7 +309,7 @@ def _decode_batch(
         epoch = int(epochs[i])
         try:
             if isinstance(content, OSError):
-                raise _unreadable(store.uri_of(path), content, spec)
+                raise _unreadable(store.uri_of(path), content, spec, bad_files)
             if isinstance(content, BadImage):
                 raise content
             if spec.min_image_side > 1:  # header only
@@ -320,11 +339,13 @@ def _decode_batch(
         count, seen = ray.get(bad_files.add.remote(len(ids), bad))
         if seen >= spec.min_seen and count > spec.max_bad_fraction * seen:
             example = f"; e.g. {bad[0][1]} ({bad[0][2]})" if bad else ""
-            raise TooManyBadFiles(
+            reason = (
                 f"xtra data: {count} bad files in {seen} images seen ({count / seen:.1%}) passes "
                 f"data.max_bad_fraction={spec.max_bad_fraction}{example}; "
                 "`xtra data inspect <uri>` lists them all"
             )
+            ray.get(bad_files.stop.remote(reason))
+            raise TooManyBadFiles(reason)
 
     out: dict[str, np.ndarray] = {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
@@ -335,12 +356,17 @@ def _decode_batch(
     return out
 
 
-def _unreadable(uri: str, error: OSError, spec: _DecodeSpec) -> BadImage:
+def _unreadable(
+    uri: str, error: OSError, spec: _DecodeSpec, bad_files: ray.actor.ActorHandle | None
+) -> BadImage:
     """A read error after the storage's retries: a bad file if the user opted in, else the end."""
     reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     if spec.skip_unreadable:
         return BadImage(f"unreadable after {spec.read_attempts} attempt(s): {reason}")
-    raise UnreadableFile(
+    message = (
         f"{uri}: still unreadable after {spec.read_attempts} attempt(s) ({reason}); stopping rather "
         "than training without it (data.skip_unreadable_files=true skips such files, named in the log)"
     )
+    if bad_files is not None:
+        ray.get(bad_files.stop.remote(message))
+    raise UnreadableFile(message)

@@ -24,7 +24,7 @@ import ray
 
 from pipelines.data import stream as stream_module
 from pipelines.data.listing import list_split
-from pipelines.data.stream import bad_file_counter, build_dataset
+from pipelines.data.stream import bad_file_counter, build_dataset, stream_stop_error
 from tests.data.test_data import encode, noise, upload, write_tree
 from xtra_core.config import DataConfig
 
@@ -224,9 +224,13 @@ def test_bad_files_over_the_fraction_stop_the_stream_with_a_clear_error(
 ) -> None:
     uri, _, _ = one_percent_bad
     data = DataConfig(uri=uri, s3_endpoint=s3_server.endpoint, max_bad_fraction=0.005, **LIMITS)
-    ds = build_dataset(data, SIZE, "train", 0, train=True, bad_files=bad_file_counter())
+    counter = bad_file_counter()
+    ds = build_dataset(data, SIZE, "train", 0, train=True, bad_files=counter)
     with pytest.raises(Exception, match=r"bad files in \d+ images seen .* passes data.max_bad_fraction=0.005"):
         ds.take_all()
+    error = stream_stop_error(counter)  # the reason as one line, for the driver to re-raise
+    assert error is not None and "\n" not in str(error)
+    assert str(error).startswith("xtra data: ") and "passes data.max_bad_fraction=0.005" in str(error)
 
 
 @pytest.mark.slow
@@ -238,8 +242,10 @@ def test_a_file_unreadable_after_listing_stops_the_stream_or_is_skipped_when_opt
     listing = list_split(data, "train")
     gone = f"{tmp_path}/train/a/3.png"
     os.remove(gone)
+    counter = bad_file_counter()
     with pytest.raises(Exception, match=f"{gone}: still unreadable after 1 attempt"):
-        build_dataset(data, SIZE, "train", 0, train=False, listing=listing).take_all()
+        build_dataset(data, SIZE, "train", 0, train=False, listing=listing, bad_files=counter).take_all()
+    assert str(stream_stop_error(counter)).startswith(f"{gone}: still unreadable after 1 attempt")
 
     data.skip_unreadable_files = True
     data.max_bad_fraction = 0.5  # 1 file of 6
