@@ -55,7 +55,8 @@ def test_runtime_env_holds_no_credentials():
 
 def make_project(root: Path) -> None:
     files = [
-        "pipelines/cli.py", "xtra_core/model.py", "configs/tiny.yaml", "cluster/runtime_env.yaml",
+        "pipelines/cli.py", "pipelines/data/stream.py", "xtra_core/model.py", "configs/tiny.yaml",
+        "cluster/runtime_env.yaml",
         ".git/HEAD", ".venv/bin/python", "pipelines/__pycache__/cli.cpython-311.pyc",
         "data/train/a/0.png", "checkpoints/step1/model.pt", "mlruns.db", "mlartifacts/1/x.bin",
         "mlruns/0/meta.yaml", "xtra_runs/r1/checkpoint_step2/a.pt", "demo_out/encoder.safetensors",
@@ -76,8 +77,28 @@ def test_working_dir_package_keeps_the_code_and_leaves_out_data_runs_venvs_and_g
     zpath = tmp_path / "pkg.zip"
     create_package(str(proj), zpath, include_gitignore=True, excludes=env["excludes"])
     names = {n for n in zipfile.ZipFile(zpath).namelist() if not n.endswith("/")}
-    assert names == {"pipelines/cli.py", "xtra_core/model.py", "configs/tiny.yaml",
-                     "cluster/runtime_env.yaml"}
+    assert names == {"pipelines/cli.py", "pipelines/data/stream.py", "xtra_core/model.py",
+                     "configs/tiny.yaml", "cluster/runtime_env.yaml"}
+
+
+def test_working_dir_package_of_this_project_holds_all_its_code(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = yaml.safe_load(RUNTIME_ENV.read_text())["excludes"]
+    zpath = tmp_path / "pkg.zip"
+    create_package(str(ROOT), zpath, include_gitignore=True, excludes=excludes)
+    names = set(zipfile.ZipFile(zpath).namelist())
+    code = {str(f.relative_to(ROOT)) for pkg in ("xtra_core", "pipelines", "tune", "configs")
+            for f in (ROOT / pkg).rglob("*") if f.suffix in (".py", ".yaml")
+            and "__pycache__" not in f.parts}
+    assert "pipelines/data/stream.py" in code
+    assert code <= names, sorted(code - names)
+
+
+def test_docker_build_leaves_out_what_the_runtime_env_does():
+    ignore = (ROOT / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = [x for x in ignore if x and not x.startswith("#")]
+    assert ignore == yaml.safe_load(RUNTIME_ENV.read_text())["excludes"]
 
 
 def test_load_runtime_env_sets_working_dir_and_no_pip_drops_packages(tmp_path):
