@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
 # pins of requirements.txt that the runtime env leaves to the node image (see its header)
 IMAGE_PINS = {"torch", "ray"}
-TEST_TOOLS = {"pytest", "ruff", "moto"}  # test-only: never on a cluster
+TEST_TOOLS = {"pytest", "ruff", "moto", "kubernetes-validate"}  # test-only: never on a cluster
 
 
 def pins(lines: list[str]) -> dict[str, str]:
@@ -155,3 +155,9 @@ def test_follow_and_stop_commands_name_the_job():
     cmds = Submission("xtra-pretrain-1", "http://h:8265", "python -m pipelines.cli pretrain").commands()
     assert cmds["logs"] == "ray job logs --address http://h:8265 --follow xtra-pretrain-1"
     assert cmds["stop"] == "ray job stop --address http://h:8265 xtra-pretrain-1"
+
+
+def test_image_and_runtime_env_leave_out_the_same_test_tools():
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    left_out = re.search(r"grep -v -E '\^\(([^)]*)\)' requirements.txt", dockerfile).group(1)
+    assert set(left_out.split("|")) == TEST_TOOLS
