@@ -176,7 +176,12 @@ def _run_submit(args: argparse.Namespace) -> int:
         print(f"[xtra] {what + ':':8}{cmd}", flush=True)
     if not args.follow:
         return 0
-    status = follow(job)
+    try:
+        status = follow(job)
+    except KeyboardInterrupt:
+        print(f"\n[xtra] stopped following; job {job.submission_id} keeps running "
+              f"(stop it with: {job.commands()['stop']})", flush=True)
+        return 130
     print(f"[xtra] job {job.submission_id} {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -146,7 +146,7 @@ def submit(
     return Submission(submission_id, address, entrypoint)
 
 
-def follow(submission: Submission, out=None) -> str:
+def follow(submission: Submission, out: TextIO | None = None) -> str:
     """Stream the job's logs to `out` (stdout) until it ends; returns its final status
     (SUCCEEDED, FAILED or STOPPED)."""
     out = out or sys.stdout

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_submit_pretrain_runs_on_the_cluster_and_registers_the_encoder(
+def test_submit_pretrain_registers_the_encoder_and_a_failing_job_exits_non_zero(
     ray_head, tmp_path, capsys, monkeypatch  # noqa: F811
 ):
     dashboard, _ = ray_head
@@ -62,3 +62,13 @@ def test_submit_pretrain_runs_on_the_cluster_and_registers_the_encoder(
     version = client.get_model_version("submitted-encoder", "1")
     assert version.status == "READY" and version.run_id == run.info.run_id
     assert os.path.isdir(tmp_path / "runs" / "submitted")
+
+    # a job whose command fails (a bad --config) ends FAILED, and `--follow` exits 1 with its error
+    rc = cli_main(["submit", "probe", "--address", dashboard, "--working-dir", str(ROOT), "--no-pip",
+                   "--follow", "--", "--config", "nosuch"])
+    out = capsys.readouterr().out
+    assert rc == 1, out[-3000:]
+    assert "--config 'nosuch' is neither a preset" in out
+    failed_id = re.search(r"\[xtra\] submitted job (\S+) to ", out).group(1)
+    assert failed_id.startswith("xtra-probe-")
+    assert re.search(rf"\[xtra\] job {re.escape(failed_id)} FAILED", out)
