@@ -1,4 +1,4 @@
-"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra data prepare|inspect`.
+"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra data prepare|inspect`, `xtra submit`.
 
 Each subcommand's work lives in its own module, imported only when that subcommand runs.
 Errors in user input (config keys, URIs, files) end with one line on stderr and exit code 2.
@@ -84,6 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe a randomly initialised encoder of the same config (the baseline)",
     )
     probe.set_defaults(func=_run_probe)
+
+    # -- submit
+    sbm = sub.add_parser(
+        "submit",
+        usage="xtra submit {pretrain,probe,sweep} [options] -- ARGS",
+        help="run pretrain / probe / sweep on a Ray cluster as a Ray job",
+        description="Submit `xtra COMMAND ARGS` to a Ray cluster (Ray's Job Submission API) with "
+        "the runtime env of cluster/runtime_env.yaml; prints the job id and the commands to "
+        "follow its logs and stop it. Example: xtra submit pretrain --address "
+        "http://head:8265 -- --config configs/vit_b16_in1k.yaml --data s3://bucket/imagenet",
+    )
+    sbm.add_argument("job_command", choices=["pretrain", "probe", "sweep"], metavar="COMMAND",
+                     help="the xtra command to run on the cluster: pretrain, probe or sweep")
+    sbm.add_argument("--address", default=None,
+                     help="the Ray job server (dashboard) address, e.g. http://head:8265 "
+                     "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+    sbm.add_argument("--runtime-env", default=None, metavar="PATH",
+                     help="runtime env YAML (default: <working dir>/cluster/runtime_env.yaml)")
+    sbm.add_argument("--working-dir", default=None, metavar="DIR",
+                     help="the project directory uploaded with the job (default: the runtime "
+                     "env's working_dir, i.e. the current directory)")
+    sbm.add_argument("--no-pip", dest="pip", action="store_false",
+                     help="leave out the runtime env's pip packages: for clusters whose nodes "
+                     "already have them installed (a local test cluster, a prebuilt image)")
+    sbm.add_argument("--submission-id", default=None,
+                     help="the job's id (default: xtra-COMMAND-<time>-<random>)")
+    sbm.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                     help="CPUs reserved for the job's driver process (default: none, on the head)")
+    sbm.add_argument("--follow", action="store_true",
+                     help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    sbm.set_defaults(func=_run_submit)
     return parser
 
 
@@ -134,8 +165,41 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import follow, load_runtime_env, submit
+
+    env = load_runtime_env(args.runtime_env, args.working_dir, pip=args.pip)
+    job = submit(args.address, args.job_command, args.job_args, env, args.submission_id,
+                 args.entrypoint_num_cpus)
+    print(f"[xtra] submitted job {job.submission_id} to {job.address}: {job.entrypoint}", flush=True)
+    for what, cmd in job.commands().items():
+        print(f"[xtra] {what + ':':8}{cmd}", flush=True)
+    if not args.follow:
+        return 0
+    try:
+        status = follow(job)
+    except KeyboardInterrupt:
+        print(f"\n[xtra] stopped following; job {job.submission_id} keeps running "
+              f"(stop it with: {job.commands()['stop']})", flush=True)
+        return 130
+    print(f"[xtra] job {job.submission_id} {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def split_job_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`xtra submit COMMAND [options] -- ARGS`: ARGS (after the first --) belong to COMMAND and
+    pass through untouched; argparse cannot take them after a subcommand's options."""
+    argv = list(argv)
+    if argv[:1] == ["submit"] and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv, job_args = split_job_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.job_args = job_args
     # the product's own progress lines (loggers named xtra.*) go to stderr
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("xtra").setLevel(logging.INFO)
