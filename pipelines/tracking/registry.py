@@ -84,8 +84,8 @@ def encoder_signature(cfg: ModelConfig):  # -> mlflow.models.ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.in_chans, cfg.image_size, cfg.image_size), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.encoder_width), "features")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.in_chans, cfg.image_size, cfg.image_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, cfg.encoder_width))]),
         params=ParamSchema([ParamSpec("last_n", "long", 1)]),
     )
 
