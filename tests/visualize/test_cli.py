@@ -72,3 +72,12 @@ def test_visualize_an_encoder_only_export_is_one_clear_error(tmp_path, capsys):
 def test_visualize_without_model_or_data_names_what_is_missing(tmp_path, capsys):
     assert main(["visualize", "--out", str(tmp_path / "x.png")]) == 2
     assert "--model and --data" in capsys.readouterr().err
+
+
+def test_reserved_alias_and_negative_visualize_every_are_config_errors(tmp_path, capsys):
+    for bad, key in (("mlflow.alias=latest", "mlflow.alias"), ("mlflow.alias=v3", "mlflow.alias"),
+                     ("train.visualize_every=-1", "train.visualize_every")):
+        assert main(["visualize", "--mask", "--set", bad, "--out", str(tmp_path / "m.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "m.png").exists()
