@@ -11,7 +11,8 @@ controller's callback only forwards the persisted checkpoint to `PictureRenderer
 the driver (0 CPUs, placed on the driver's node) that renders in its own thread: the controller
 never waits (a slow callback would stall the workers' next `ray.train.report`), and the driver
 waits for the queued pictures after the fit. The price: a picture exists only at checkpoints,
-so `train.checkpoint_every` should divide `train.visualize_every`.
+so `train.checkpoint_every` should divide `train.visualize_every`; and a picture that falls more
+than `train.num_to_keep` checkpoints behind finds its checkpoint deleted and is skipped (a warning).
 """
 
 from __future__ import annotations
@@ -169,12 +170,13 @@ def training_pictures(
 
 
 def finish_pictures(callbacks: list[PicturesAtCheckpoints], succeeded: bool = True) -> list[dict[str, Any]]:
-    """After the fit: wait for the queued pictures (after a success, for the final step's too),
-    end the renderer; one record per picture: step, png, or error."""
+    """After the fit: wait for the queued pictures (the final step's too), end the renderer; one
+    record per picture: step, png, or error. After a failure, end it at once (nothing waits)."""
     records: list[dict[str, Any]] = []
     for cb in callbacks:
         try:
-            records += ray.get(cb.renderer.drain.remote(cb.final if succeeded else None))
+            if succeeded:
+                records += ray.get(cb.renderer.drain.remote(cb.final))
         except Exception as e:  # noqa: BLE001 - pictures never fail (or mask the error of) a run
             logger.warning("training pictures lost: %s", e)
         finally:
