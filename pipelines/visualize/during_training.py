@@ -11,8 +11,9 @@ controller's callback only forwards the persisted checkpoint to `PictureRenderer
 the driver (0 CPUs, placed on the driver's node) that renders in its own thread: the controller
 never waits (a slow callback would stall the workers' next `ray.train.report`), and the driver
 waits for the queued pictures after the fit. The price: a picture exists only at checkpoints,
-so `train.checkpoint_every` should divide `train.visualize_every`; and a picture that falls more
-than `train.num_to_keep` checkpoints behind finds its checkpoint deleted and is skipped (a warning).
+so `train.checkpoint_every` should divide `train.visualize_every`. A checkpoint Ray Train deletes
+(`train.num_to_keep`) before its picture is drawn stays readable: the callback hard-links its files
+(local storage; no copy, instant) and the renderer removes the links when done.
 """
 
 from __future__ import annotations
@@ -99,8 +100,14 @@ class PictureRenderer:
 
         from xtra_core.model import XTRA
 
-        with checkpoint.as_directory() as d:
-            state = self.load_weights(d)
+        try:
+            with checkpoint.as_directory() as d:
+                state = self.load_weights(d)
+        finally:
+            if Path(checkpoint.path).parent.as_posix().endswith(PINNED_DIR):
+                import shutil
+
+                shutil.rmtree(checkpoint.path, ignore_errors=True)  # the pinned links are done with
         model = XTRA(self.cfg.model)
         model.load_state_dict(state, strict=True)
         name = f"predictions_step{step:09d}.png"
@@ -131,8 +138,32 @@ class PicturesAtCheckpoints(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:  # noqa: ANN001
         step = int(metrics[0]["step"])
         if checkpoint is not None and step > self.last and self.due(step):
-            self.renderer.submit.remote(step, checkpoint)  # fire and forget
+            self.renderer.submit.remote(step, pin(checkpoint))  # fire and forget
             self.last = step
+
+
+PINNED_DIR = "pictures/.pinned"  # under the run's storage directory
+
+
+def pin(checkpoint: Checkpoint) -> Checkpoint:
+    """Keep a checkpoint readable until its picture is drawn, although Ray Train deletes it after
+    `train.num_to_keep` newer ones: on local storage, hard links to its files (instant, no copy)
+    under `<run>/pictures/.pinned/`; the renderer removes them. Other storage: as is."""
+    import os
+    import shutil
+
+    if checkpoint.filesystem.type_name != "local":
+        return checkpoint
+    src = Path(checkpoint.path)
+    dst = src.parent / PINNED_DIR / src.name
+    for f in (p for p in src.rglob("*") if p.is_file()):
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:  # no hard links here (another device, a filesystem without them)
+            shutil.copy2(f, target)
+    return Checkpoint(str(dst))
 
 
 def training_pictures(

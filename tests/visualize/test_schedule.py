@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from ray.train import Checkpoint
+
 from pipelines.visualize.during_training import PicturesAtCheckpoints
+
+CKPT = Checkpoint("/nonexistent/xtra-test/checkpoint")  # pinning an empty checkpoint links nothing
 
 
 class Recorder:
@@ -22,7 +26,7 @@ def drive(every: int, final: int, start: int, ckpt_every: int, log_every: int = 
     for step in range(start + 1, final + 1):
         ckpt = step % ckpt_every == 0 or step == final
         if ckpt or step % log_every == 0:
-            cb.after_report(None, [{"step": step}], object() if ckpt else None)
+            cb.after_report(None, [{"step": step}], CKPT if ckpt else None)
     return rec.steps
 
 
@@ -39,5 +43,20 @@ def test_a_replayed_report_after_a_restart_is_not_drawn_twice():
     rec = Recorder()
     cb = PicturesAtCheckpoints(rec, 2, 6, 0)  # type: ignore[arg-type]
     for step in (2, 4, 3, 4, 6):  # the worker group restarted from step 2's checkpoint
-        cb.after_report(None, [{"step": step}], object())
+        cb.after_report(None, [{"step": step}], CKPT)
     assert rec.steps == [2, 4, 6]
+
+
+def test_a_pinned_checkpoint_survives_the_deletion_of_the_original(tmp_path):
+    import shutil
+
+    from pipelines.visualize.during_training import PINNED_DIR, pin
+
+    src = tmp_path / "run" / "checkpoint_step000000002"
+    (src / "ds").mkdir(parents=True)
+    (src / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (src / "xtra_state.json").write_text("{}")
+    pinned = pin(Checkpoint(str(src)))
+    shutil.rmtree(src)  # what Ray Train does past train.num_to_keep
+    assert pinned.path == str(tmp_path / "run" / PINNED_DIR / "checkpoint_step000000002")
+    assert (tmp_path / "run" / PINNED_DIR / "checkpoint_step000000002" / "ds" / "mp_rank_00_model_states.pt").read_bytes() == b"weights"

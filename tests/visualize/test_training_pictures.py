@@ -12,7 +12,7 @@ from PIL import Image
 from pipelines.cli import main as cli_main
 from pipelines.pretrain import driver as pretrain
 from pipelines.visualize.command import PICTURES_ARTIFACT
-from pipelines.visualize.during_training import IMAGE_KEY
+from pipelines.visualize.during_training import IMAGE_KEY, PINNED_DIR
 from pipelines.visualize.figure4 import figure4_layout
 from xtra_core.config import build_config
 
@@ -46,6 +46,11 @@ def test_pictures_every_n_steps_and_visualize_of_the_registered_version(ray_clus
     out = pretrain.run_pretraining(cfg)
     # checkpoints at 2, 4 and 5 (the end): pictures at 2 and 4 (multiples of 2) and 5 (the end)
     assert [p["step"] for p in out["pictures"]] == [2, 4, 5], out["pictures"]
+    # train.num_to_keep=2: checkpoint 2 is deleted when 5 is registered, its picture was drawn
+    # from the pinned links, which are gone afterwards
+    runs = tmp_path / "runs" / "pics"
+    assert not (runs / "checkpoint_step000000002").exists()
+    assert not any((runs / PINNED_DIR).iterdir())
     layout = figure4_layout(3, cfg.model)
     for p in out["pictures"]:
         assert "error" not in p, p
