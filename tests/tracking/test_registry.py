@@ -88,6 +88,8 @@ def test_promote_sets_champion_and_export_writes_a_loadable_encoder(registered, 
         "name": "enc", "version": "1", "alias": "champion", "model_uri": "models:/enc@champion"}
     assert str(mlflow.MlflowClient(tracking_uri=db).get_model_version_by_alias("enc", "champion").version) == "1"
 
+    mlflow.set_tracking_uri(db)
+    assert registry.resolve_model("models:/enc/latest")[1]["version"] == "1"
     out = tmp_path / "exported"
     assert cli_main(["export", "--model", "models:/enc@champion", "--out", str(out), "--full",
                      "--set", f"mlflow.tracking_uri={db}"]) == 0
