@@ -111,10 +111,13 @@ def log_and_register_encoder(
     a signature, so it loads wherever its requirements are installed. `alias` (e.g. champion) is
     set on the new version. Returns {"name", "version", "model_uri"}."""
     import tempfile
+    import warnings
 
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        # the signature is explicit and an input example of a real size would be megabytes of JSON
+        warnings.filterwarnings("ignore", message=".*(type hints|input_example)", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="encoder",
             python_model=str(PYFUNC_CODE),
