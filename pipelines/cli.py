@@ -1,4 +1,5 @@
-"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra data prepare|inspect`, `xtra submit`.
+"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra data prepare|inspect`,
+`xtra visualize`, `xtra export`, `xtra promote`, `xtra submit`.
 
 Each subcommand's work lives in its own module, imported only when that subcommand runs.
 Errors in user input (config keys, URIs, files) end with one line on stderr and exit code 2.
@@ -35,7 +36,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xtra", description="XTRA pretraining on Ray: data, pretrain, probe."
+        prog="xtra",
+        description="XTRA pretraining on Ray: data, pretrain, probe, visualize, export, promote.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,6 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--follow", action="store_true",
                      help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
     sbm.set_defaults(func=_run_submit)
+    # -- visualize / export / promote (the registry and pictures)
+    vis = sub.add_parser(
+        "visualize",
+        help="the Figure-4 picture (input | next-block predictions) of a model, or the mask",
+    )
+    _add_config_args(vis)
+    vis.add_argument(
+        "--model", default=None,
+        help="models:/name/version, models:/name@alias, or a directory with model.safetensors",
+    )
+    vis.add_argument("--data", default=None, help="dataset URI whose images are shown")
+    vis.add_argument("--split", default=None, help="split to take images from (default: test, else train)")
+    vis.add_argument("--n", type=int, default=8, help="number of images, a row each (default 8)")
+    vis.add_argument("--mask", action="store_true", help="draw the block-causal mask of --config instead")
+    vis.add_argument("--out", required=True, help="PNG file to write")
+    vis.set_defaults(func=_run_visualize)
+    exp = sub.add_parser(
+        "export", help="write a registered encoder as safetensors + config.json (xtra_core.load_encoder)"
+    )
+    _add_config_args(exp)
+    exp.add_argument("--model", required=True, help="models:/name/version or models:/name@alias")
+    exp.add_argument("--out", required=True, help="new directory to write")
+    exp.add_argument(
+        "--full", action="store_true",
+        help="also write the whole XTRA (model.safetensors: decoder and heads) from the version's run",
+    )
+    exp.set_defaults(func=_run_export)
+    prom = sub.add_parser("promote", help="set an alias (e.g. champion) on a registered version")
+    _add_config_args(prom)
+    prom.add_argument("--model", required=True, help="models:/name/version (or models:/name@alias)")
+    prom.add_argument("--alias", required=True, help="alias to set, e.g. champion")
+    prom.set_defaults(func=_run_promote)
     return parser
 
 
@@ -194,6 +228,33 @@ def split_job_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         i = argv.index("--")
         return argv[:i], argv[i + 1 :]
     return argv, []
+def _run_visualize(args: argparse.Namespace) -> int:
+    from pipelines.visualize.command import draw_mask, visualize
+
+    cfg = _load(args)
+    if args.mask:
+        print(json.dumps(draw_mask(cfg, args.out)), flush=True)
+        return 0
+    if not args.model or not cfg.data.uri:
+        raise UserError("xtra visualize needs --model and --data (or --mask for the mask picture)")
+    if args.n < 1:
+        raise UserError(f"--n {args.n}: give at least one image")
+    print(json.dumps(visualize(cfg, args.model, args.out, args.n, args.split)), flush=True)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pipelines.tracking.registry import export_model
+
+    print(json.dumps(export_model(_load(args), args.model, args.out, args.full)), flush=True)
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from pipelines.tracking.registry import promote
+
+    print(json.dumps(promote(_load(args), args.model, args.alias)), flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,10 @@ class TrainConfig:
     seed: int = 0
     run_name: str | None = None  # same name + storage_path resumes
     storage_path: str | None = None  # local dir or s3://; default ~/xtra_runs
+    # every this many steps (at the first checkpoint at or after it, and at the end) the Figure-4
+    # picture of a fixed set of train images is drawn from the checkpoint and logged; 0 = off
+    visualize_every: int = 0
+    visualize_images: int = 8
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -204,6 +209,11 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
+        if self.visualize_every < 0 or self.visualize_images < 1:
+            raise ConfigError(
+                f"train.visualize_every={self.visualize_every} must be >= 0 (0 = off) and "
+                f"train.visualize_images={self.visualize_images} >= 1"
+            )
 
     @property
     def micro_batch(self) -> int:
@@ -219,6 +229,18 @@ class MLflowConfig:
     tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db
     experiment: str = "xtra"
     registered_model: str = "xtra-encoder"
+    # alias set on the version a pretraining run registers (models:/xtra-encoder@challenger);
+    # null = none. `@latest` needs no alias: MLflow resolves it to the newest version
+    alias: str | None = "challenger"
+
+    def validate(self) -> None:
+        if self.alias is not None and (
+            self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias) or not self.alias
+        ):
+            raise ConfigError(
+                f"mlflow.alias={self.alias!r} is reserved by MLflow (latest, v1, v2, ...) or empty; "
+                "choose another name (e.g. challenger) or null"
+            )
 
 
 @dataclass
@@ -262,6 +284,7 @@ class XTRAConfig:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.mlflow.validate()
         self.probe.validate()
         return self
 

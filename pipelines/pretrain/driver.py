@@ -41,9 +41,11 @@ from pipelines.data.images import normalize
 from pipelines.data.stream import bad_file_counter
 from pipelines.errors import UserError
 from pipelines.pretrain.stream import TrainStream, build_train_stream
+from pipelines.tracking import registry
 from pipelines.tracking import runs as tracking
+from pipelines.visualize.during_training import finish_pictures, training_pictures
 from xtra_core.config import XTRAConfig, config_from_dict
-from xtra_core.export import save_encoder
+from xtra_core.export import save_encoder, save_model
 from xtra_core.model import build_model, count_parameters
 from xtra_core.optim import adamw, warmup_cosine_lr
 
@@ -373,6 +375,7 @@ def run_pretraining(
     if storage_fs.type_name == "local":
         storage_fs = None
     resources = {"CPU": cfg.train.cpus_per_worker}
+    pictures = training_pictures(cfg, run_id, uri, plan.start_step, plan.stop_step, stream.listing, consolidate_model)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__},
@@ -386,7 +389,7 @@ def run_pretraining(
             storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[ProgressAndTracking(run_id, uri, plan), *callbacks],
+            callbacks=[ProgressAndTracking(run_id, uri, plan), *pictures, *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
@@ -396,11 +399,14 @@ def run_pretraining(
         if result.error:
             raise result.error
     except BaseException:
+        finish_pictures(pictures, succeeded=False)
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED")
         raise
     out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.stop_step,
                            "metrics": result.metrics, "checkpoint": result.checkpoint.path}
+    if pictures:
+        out["pictures"] = finish_pictures(pictures)
     if plan.stop_step == plan.total_steps:
         out.update(export_and_register(cfg, result.checkpoint, uri, run_id, register))
     elif run_id:
@@ -432,6 +438,12 @@ def latest_checkpoint_step(storage: str, run_name: str, cfg: XTRAConfig) -> int:
 
 def consolidate_encoder(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """Full-precision encoder weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    full = consolidate_model(checkpoint_dir)
+    return {k[len("encoder.") :]: v for k, v in full.items() if k.startswith("encoder.")}
+
+
+def consolidate_model(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """Full-precision weights of the whole XTRA from a DeepSpeed checkpoint of any ZeRO stage."""
     ds_dir = Path(checkpoint_dir) / DS_TAG
     if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -439,23 +451,33 @@ def consolidate_encoder(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         full = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
     else:
         full = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k[len("encoder.") :]: v.float() for k, v in full.items() if k.startswith("encoder.")}
+    return {k: v.float() for k, v in full.items()}
 
 
 def export_and_register(
     cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None, register: bool = True
 ) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
-        state = consolidate_encoder(d)
+        full = consolidate_model(d)
+    state = {k[len("encoder.") :]: v for k, v in full.items() if k.startswith("encoder.")}
     storage = cfg.train.storage_path or ""
     if "://" in storage:  # remote run storage: export locally; MLflow keeps the durable copy
         export_dir = Path(tempfile.mkdtemp(prefix="xtra-export-"))
+        model_dir = Path(tempfile.mkdtemp(prefix="xtra-model-"))
     else:
         export_dir = Path(storage, str(cfg.train.run_name), "encoder_export")
-    save_encoder(state, cfg.model, export_dir, extra={"run_name": cfg.train.run_name})
+        model_dir = export_dir.with_name("model_export")
+    meta = {"run_name": cfg.train.run_name, "normalization": {"mean": cfg.data.mean, "std": cfg.data.std}}
+    save_encoder(state, cfg.model, export_dir, extra=meta)
+    save_model(full, cfg.model, model_dir, extra=meta)  # the decoder and heads too, for pictures
+    registry.log_full_model(uri, run_id, model_dir)
     if not register:
         tracking.log_encoder_files(uri, run_id, export_dir)
-        return {"export_dir": str(export_dir)}
+        return {"export_dir": str(export_dir), "model_dir": str(model_dir)}
     info = tracking.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
-    print(f"[xtra] encoder registered as {info['model_uri']}", flush=True)
-    return {"export_dir": str(export_dir), **info}
+    if cfg.mlflow.alias:
+        registry.set_alias(info["name"], info["version"], cfg.mlflow.alias, uri)
+        info["alias"] = cfg.mlflow.alias
+    print(f"[xtra] encoder registered as {info['model_uri']}"
+          + (f" (@{cfg.mlflow.alias})" if cfg.mlflow.alias else ""), flush=True)
+    return {"export_dir": str(export_dir), "model_dir": str(model_dir), **info}
