@@ -1,9 +1,9 @@
 """Decoding and augmenting one image (no Ray), plus `normalize` for the training worker.
 
-- `ImageSource.open(data, max_pixels)`: the header only (size, format); pixels are decoded later, at the
-  reduction the crop allows. Formats: `SUPPORTED_FORMATS` (what `pipelines.data.listing` lists);
-  anything else, empty, truncated or corrupt data, or more pixels than `max_pixels` (decompression
-  bomb) raises `BadImage` with the reason. Grayscale, palette, RGBA/LA, CMYK and 16-bit images
+- `ImageSource.open(data, max_pixels)`: the header only (size, format); pixels are decoded later,
+  at the reduction the crop allows. Formats: `SUPPORTED_FORMATS` (what `pipelines.data.listing`
+  lists); anything else, empty, truncated or corrupt data, or more pixels than `max_pixels`
+  (decompression bomb) raises `BadImage` with the reason. Grayscale, palette, RGBA/LA, CMYK and 16-bit images
   become 8-bit RGB.
 - `random_resized_crop_params`: torchvision's RandomResizedCrop sampling (10 attempts, then a
   centre crop clipped to the ratio range), on an explicit numpy Generator.
@@ -18,10 +18,11 @@ The fast path (what makes ImageNet-sized JPEGs cheap), pixel for pixel the usual
    array, reduced in the DCT domain by 2, 4 or 8 only as far as the crop keeps >= 2 x `size`
    pixels per side, so that the bicubic filter still does at least a 2x reduction (this keeps the
    DCT filter's own difference small: mean |diff| ~0.6 level on a strongly textured photo at 1/2,
-   vs ~2.2 at 1/4 followed by a 1.1x resize). ImageNet-sized images are decoded whole (a 224 px crop would need >= 896 px per
-   side); large photos gain. Factors between 1 and 2 exist in libjpeg-turbo but decode slower
-   than 1, so they are not used. Other JPEGs (CMYK, unusual sampling) and anything libjpeg-turbo's strict
-   mode rejects go through PIL, whose verdict counts: the same files are bad on both paths.
+   vs ~2.2 at 1/4 followed by a 1.1x resize). ImageNet-sized images are decoded whole (a 224 px
+   crop would need >= 896 px per side); large photos gain. Factors between 1 and 2 exist in
+   libjpeg-turbo but decode slower than 1, so they are not used. Other JPEGs (CMYK, unusual
+   sampling) and anything libjpeg-turbo's strict mode rejects go through PIL, whose verdict
+   counts: the same files are bad on both paths.
 3. Crop, then resize the crop alone (torchvision's semantics: the filter sees only the crop) with
    torch's uint8 antialiased bicubic kernel (PIL's filter, vectorised: ~5x faster than PIL's
    resize). Differences against PIL's `crop().resize(BICUBIC)`: 0 or 1 level for >= 99.9% of the
@@ -34,7 +35,8 @@ The fast path (what makes ImageNet-sized JPEGs cheap), pixel for pixel the usual
 crop and flip whatever the block boundaries or worker scheduling.
 `normalize(x_uint8 [B, H, W, 3], mean, std) -> float32 [B, 3, H, W]`: on the training worker.
 
-Decoding on GPU nodes instead (no CPU pool): see benchmarks/README.md, "Data path".
+Decoding on GPU nodes instead (no CPU pool), with the cores-per-GPU figure: benchmarks/README.md,
+section 5.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ class ImageSource:
                 self.pil, self.jpeg = open_image(self.jpeg, self.max_pixels), None
         img = self.pil
         assert img is not None
-        if reduction > 1 and img.format == "JPEG" and getattr(img, "tile", None):
+        if reduction > 1 and img.format in ("JPEG", "MPO") and getattr(img, "tile", None):
             # draft picks the largest of 1/2, 1/4, 1/8 with the result >= the requested size
             img.draft("RGB", (max(1, self.width // reduction), max(1, self.height // reduction)))
         return np.array(to_rgb(img), dtype=np.uint8)  # [h, w, 3], writable
