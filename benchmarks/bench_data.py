@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             costs[size] = transform_costs(cfg, large, min(args.large_images, 200), args.repeats)
         ray.init(num_cpus=cores, include_dashboard=False, _temp_dir=str(tmp / "ray"),
                  log_to_driver=False, configure_logging=False)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray's chatter stays in its logs
         ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray's chatter stays in its logs
         for name, root, size in (("cifar10 32 px", small, 32), ("ImageNet-like 500x375", large, 224),
                                  ("ImageNet-like 500x375", large, 256)):
             cfg = XTRAConfig()
