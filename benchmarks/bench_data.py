@@ -218,25 +218,38 @@ class FileDataset(Dataset):
         return {"image": self.transform(data, file_rng(self.seed, epoch, path))}
 
 
-def tree_cpu_seconds() -> dict[int, float]:
-    """{pid: user + system CPU s} of this process and all its descendants (Ray's included)."""
+def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (kind, user + system CPU s)} of this process and all its descendants. Kinds:
+    "driver" (this process), "ray workers" (`ray::...` processes: the decode tasks), "dataloader
+    workers" (other Python children of this process), "ray daemons" (raylet, GCS, agents)."""
     me = psutil.Process()
-    out: dict[int, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            out[p.pid] = t.user + t.system
+            name = p.name()
+            if p.pid == me.pid:
+                kind = "driver"
+            elif name.startswith("ray::"):
+                kind = "ray workers"
+            elif p.ppid() == me.pid and name.startswith("python"):
+                kind = "dataloader workers"
+            else:
+                kind = "ray daemons"
+            out[p.pid] = (kind, t.user + t.system)
         except psutil.Error:
             pass
     return out
 
 
-def measure(stream: Callable[[], int]) -> dict[str, float]:
+def measure(stream: Callable[[], int]) -> dict[str, Any]:
     c0, w0 = tree_cpu_seconds(), time.perf_counter()
     n = stream()
     wall, c1 = time.perf_counter() - w0, tree_cpu_seconds()
-    cpu = sum(t - c0.get(pid, 0.0) for pid, t in c1.items())
-    return {"images": n, "wall_s": wall, "cpu_s": cpu}
+    by_kind: dict[str, float] = {}
+    for pid, (kind, t) in c1.items():
+        by_kind[kind] = by_kind.get(kind, 0.0) + t - c0.get(pid, (kind, 0.0))[1]
+    return {"images": n, "wall_s": wall, "cpu_s": sum(by_kind.values()), "cpu_s_by_process": by_kind}
 
 
 def loader_streams(cfg: XTRAConfig, cores: int, batch: int) -> dict[str, Callable[[int, int], int]]:
@@ -280,6 +293,10 @@ def bench_loaders(cfg: XTRAConfig, name: str, cores: int, batch: int, epochs: in
             "images_per_cpu_s_median": statistics.median(per_cpu),
             "images_per_s_wall_best": max(x["images"] / x["wall_s"] for x in rs),
             "images_per_run": rs[0]["images"],
+            "cpu_share_by_process": {
+                kind: sum(x["cpu_s_by_process"].get(kind, 0.0) for x in rs) / sum(x["cpu_s"] for x in rs)
+                for kind in sorted({kind for x in rs for kind in x["cpu_s_by_process"]})
+            },
             "runs": rs,
         }
     recipe, dl, ray_ = (variants[k]["images_per_cpu_s_median"] for k in (RECIPE, PRODUCT_DL, PRODUCT_RAY))
@@ -431,14 +448,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for r in results:
         for k, v in r["variants"].items():
+            share = v["cpu_share_by_process"]
             rows.append([
                 r["dataset"], r["output_px"], k, v["images_per_cpu_s_median"],
                 v["images_per_cpu_s_median"] / r["variants"][RECIPE]["images_per_cpu_s_median"],
                 v["images_per_s_wall_best"],
+                f"{100 * share.get('driver', 0):.0f}% / {100 * share.get('ray daemons', 0):.0f}%",
             ])
     table = markdown_table(
         ["data", "out px", "loader", "img per CPU-s (= img/s per core)", "x recipe (CPU)",
-         "img/s wall best"], rows)
+         "img/s wall best", "CPU in driver / Ray daemons"], rows)
     cost_rows = [[k, *(round(costs[s][k], 3) for s in sorted(costs))] for k in costs[224]]
     cost_table = markdown_table(["CPU ms per image, one thread", *(f"{s} px" for s in sorted(costs))],
                                 cost_rows)
