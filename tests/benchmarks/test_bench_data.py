@@ -13,10 +13,11 @@ from benchmarks import bench_data
 pytestmark = pytest.mark.slow
 
 
-def test_bench_data_smoke_writes_every_loader_at_every_size(tmp_path, monkeypatch) -> None:
+def test_bench_data_smoke_writes_every_loader_at_every_size(tmp_path) -> None:
+    """(Its data and Ray's session dir live in a fresh /tmp/xbd* dir that the script removes: a
+    pytest tmp_path is too long for Ray's socket paths.)"""
     if bench_data.find_cifar(None) is None:
         pytest.skip("no CIFAR-10 JPEGs in shared/data/cifar10")
-    monkeypatch.setattr(bench_data.tempfile, "tempdir", str(tmp_path))
     bench_data.main(["--smoke", "--results-dir", str(tmp_path)])
     data = json.loads((tmp_path / "data_smoke.json").read_text())
     assert [r["output_px"] for r in data["results"]] == [32, 224, 256]
@@ -26,6 +27,8 @@ def test_bench_data_smoke_writes_every_loader_at_every_size(tmp_path, monkeypatc
         assert len(set(counts.values())) == 1 and r["images"] in counts.values()  # no image lost
         for v in r["variants"].values():
             assert v["images_per_cpu_s_median"] > 0
+            assert sum(v["cpu_share_by_process"].values()) == pytest.approx(1.0)
+        assert r["variants"][bench_data.PRODUCT_RAY]["cpu_share_by_process"].get("ray workers", 0) > 0
     assert {g["model"] for g in data["cores_per_gpu"]} == {"vit_b16", "vit_h14"}
     assert 1.0 < data["data"]["imagenet_like_bits_per_pixel"] < 8.0
     assert data["table_markdown"].startswith("| ")
