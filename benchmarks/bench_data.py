@@ -228,9 +228,10 @@ def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
         try:
             t = p.cpu_times()
             name = p.name()
+            title = (p.cmdline() or [""])[0]  # Ray sets its workers' process titles to ray::...
             if p.pid == me.pid:
                 kind = "driver"
-            elif name.startswith("ray::"):
+            elif name.startswith("ray::") or title.startswith("ray::"):
                 kind = "ray workers"
             elif p.ppid() == me.pid and name.startswith("python"):
                 kind = "dataloader workers"
