@@ -80,6 +80,7 @@ CIFAR_CANDIDATES = (ROOT.parent / "shared" / "data" / "cifar10", Path("/work/sha
 PHOTO = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
 H200_BF16_DENSE_FLOPS = 989e12  # spec sheet, dense (no sparsity)
 MFU_GOAL = 0.5
+RAY_AGENTS = ("ray::DashboardA", "ray::RuntimeEnv")  # per-node agents: daemons, not workers
 RECIPE, PRODUCT_DL, PRODUCT_RAY = "DataLoader, PIL recipe", "DataLoader, product", "Ray Data, product"
 
 
@@ -220,8 +221,9 @@ class FileDataset(Dataset):
 
 def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
     """{pid: (kind, user + system CPU s)} of this process and all its descendants. Kinds:
-    "driver" (this process), "ray workers" (`ray::...` processes: the decode tasks), "dataloader
-    workers" (other Python children of this process), "ray daemons" (raylet, GCS, agents)."""
+    "driver" (this process), "ray workers" (`ray::...` processes: the decode tasks and Ray Data's
+    helper actors), "dataloader workers" (other Python children of this process), "ray daemons"
+    (raylet, GCS, the dashboard and runtime-env agents, log monitor)."""
     me = psutil.Process()
     out: dict[int, tuple[str, float]] = {}
     for p in [me, *me.children(recursive=True)]:
@@ -231,7 +233,8 @@ def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
             title = (p.cmdline() or [""])[0]  # Ray sets its workers' process titles to ray::...
             if p.pid == me.pid:
                 kind = "driver"
-            elif name.startswith("ray::") or title.startswith("ray::"):
+            elif (name.startswith("ray::") or title.startswith("ray::")) and not any(
+                    x.startswith(RAY_AGENTS) for x in (name, title)):
                 kind = "ray workers"
             elif p.ppid() == me.pid and name.startswith("python"):
                 kind = "dataloader workers"
