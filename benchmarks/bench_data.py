@@ -13,9 +13,10 @@ Loader variants (each reads the same files and draws the same crop boxes and fli
   .iter_torch_batches(batch_size)`, Ray started with `num_cpus = cores`.
 DataLoaders: `num_workers = cores`, persistent workers, the same batch size, default collate.
 
-Headline: **images per CPU-second** of the whole process tree (this process, DataLoader workers,
-Ray's workers and Ray's own processes; psutil, user + system), i.e. images/s per core: the work
-a variant costs, which other engineers' load on the shared cores barely changes. Variants are
+Headline: **images per CPU-second** of the processes a loader runs in (psutil, user + system):
+this process + the DataLoader workers, or this process + Ray's workers + Ray's own daemons
+(raylet, GCS, agents), i.e. images/s per core: the work a variant costs, which other engineers'
+load on the shared cores barely changes. Variants are
 alternated round by round (as `benchmarks.common.interleaved_times`); each run is a stream of
 `--epochs` epochs after a warm-up stream (process start-up and imports excluded; Ray's per-stream
 start-up included); median of `--repeats`. The best wall images/s is shown next to it.
@@ -82,6 +83,11 @@ H200_BF16_DENSE_FLOPS = 989e12  # spec sheet, dense (no sparsity)
 MFU_GOAL = 0.5
 RAY_AGENTS = ("ray::DashboardA", "ray::RuntimeEnv")  # per-node agents: daemons, not workers
 RECIPE, PRODUCT_DL, PRODUCT_RAY = "DataLoader, PIL recipe", "DataLoader, product", "Ray Data, product"
+PROCESS_KINDS = {  # whose CPU each loader is charged with (see tree_cpu_seconds)
+    RECIPE: ("driver", "dataloader workers"),
+    PRODUCT_DL: ("driver", "dataloader workers"),
+    PRODUCT_RAY: ("driver", "ray workers", "ray daemons"),
+}
 
 
 # --------------------------------------------------------------------------- data
@@ -221,23 +227,24 @@ class FileDataset(Dataset):
 
 def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
     """{pid: (kind, user + system CPU s)} of this process and all its descendants. Kinds:
-    "driver" (this process), "ray workers" (`ray::...` processes: the decode tasks and Ray Data's
-    helper actors), "dataloader workers" (other Python children of this process), "ray daemons"
-    (raylet, GCS, the dashboard and runtime-env agents, log monitor)."""
+    "driver" (this process), "dataloader workers" (forked children: this process's command line),
+    "ray workers" (`ray::...` processes: the decode tasks and Ray Data's helper actors), "ray
+    daemons" (raylet, GCS, the dashboard and runtime-env agents, log monitor, ...)."""
     me = psutil.Process()
+    my_cmdline = me.cmdline()
     out: dict[int, tuple[str, float]] = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            name = p.name()
-            title = (p.cmdline() or [""])[0]  # Ray sets its workers' process titles to ray::...
+            name, cmdline = p.name(), p.cmdline()
+            title = (cmdline or [""])[0]  # Ray sets its workers' process titles to ray::...
             if p.pid == me.pid:
                 kind = "driver"
+            elif p.ppid() == me.pid and cmdline == my_cmdline:
+                kind = "dataloader workers"
             elif (name.startswith("ray::") or title.startswith("ray::")) and not any(
                     x.startswith(RAY_AGENTS) for x in (name, title)):
                 kind = "ray workers"
-            elif p.ppid() == me.pid and name.startswith("python"):
-                kind = "dataloader workers"
             else:
                 kind = "ray daemons"
             out[p.pid] = (kind, t.user + t.system)
@@ -246,14 +253,17 @@ def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def measure(stream: Callable[[], int]) -> dict[str, Any]:
+def measure(stream: Callable[[], int], kinds: tuple[str, ...]) -> dict[str, Any]:
+    """Run `stream`; its CPU is that of the process `kinds` it runs in (a DataLoader is not
+    charged for the idle Ray cluster next to it, nor Ray for idle DataLoader workers)."""
     c0, w0 = tree_cpu_seconds(), time.perf_counter()
     n = stream()
     wall, c1 = time.perf_counter() - w0, tree_cpu_seconds()
     by_kind: dict[str, float] = {}
     for pid, (kind, t) in c1.items():
         by_kind[kind] = by_kind.get(kind, 0.0) + t - c0.get(pid, (kind, 0.0))[1]
-    return {"images": n, "wall_s": wall, "cpu_s": sum(by_kind.values()), "cpu_s_by_process": by_kind}
+    return {"images": n, "wall_s": wall, "cpu_s": sum(by_kind.get(k, 0.0) for k in kinds),
+            "cpu_s_by_process": by_kind}
 
 
 def loader_streams(cfg: XTRAConfig, cores: int, batch: int) -> dict[str, Callable[[int, int], int]]:
@@ -289,7 +299,7 @@ def bench_loaders(cfg: XTRAConfig, name: str, cores: int, batch: int, epochs: in
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in streams}
     for r in range(repeats):
         for k, stream in streams.items():
-            runs[k].append(measure(partial(stream, 1 + r * epochs, epochs)))
+            runs[k].append(measure(partial(stream, 1 + r * epochs, epochs), PROCESS_KINDS[k]))
     variants = {}
     for k, rs in runs.items():
         per_cpu = [x["images"] / x["cpu_s"] for x in rs]
@@ -297,9 +307,9 @@ def bench_loaders(cfg: XTRAConfig, name: str, cores: int, batch: int, epochs: in
             "images_per_cpu_s_median": statistics.median(per_cpu),
             "images_per_s_wall_best": max(x["images"] / x["wall_s"] for x in rs),
             "images_per_run": rs[0]["images"],
-            "cpu_share_by_process": {
+            "cpu_share_by_process": {  # of the CPU charged to the variant
                 kind: sum(x["cpu_s_by_process"].get(kind, 0.0) for x in rs) / sum(x["cpu_s"] for x in rs)
-                for kind in sorted({kind for x in rs for kind in x["cpu_s_by_process"]})
+                for kind in PROCESS_KINDS[k]
             },
             "runs": rs,
         }
