@@ -166,8 +166,9 @@ def test_crop_resize_is_crop_then_resize() -> None:
     arr = noise(60, 50)
     img = Image.open(io.BytesIO(encode(arr)))
     out = crop_resize(img, (5, 7, 30, 40), SIZE)  # top, left, h, w
-    expected = Image.fromarray(arr).crop((7, 5, 47, 35)).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-    assert np.array_equal(out, np.asarray(expected))
+    expected = Image.fromarray(arr).crop((7, 5, 47, 35)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    # torch's uint8 bicubic kernel vs PIL's: within 1 level (tests/data/test_images.py has more)
+    assert np.abs(out.astype(int) - np.asarray(expected).astype(int)).max() <= 1
 
 
 def test_jpeg_draft_decode_matches_a_full_decode() -> None:
