@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per worker; default global / num_workers
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: sized from the cluster, leaving CPUs to decode
     zero_stage: int = 2
     zero_bucket_size: int = 50_000_000  # elements per ZeRO reduce/allgather bucket
     bf16: bool = False
@@ -170,6 +171,7 @@ class TrainConfig:
     seed: int = 0
     run_name: str | None = None  # same name + storage_path resumes
     storage_path: str | None = None  # local dir or s3://; default ~/xtra_runs
+    resume_mismatch_ok: bool = False  # resume even if the model/batch config differs from the checkpoint's
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -383,7 +385,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type `tp`; accept ints for floats, lists for tuples."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
