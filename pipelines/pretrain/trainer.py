@@ -29,7 +29,7 @@ import torch
 from pipelines.pretrain.checkpoints import DS_TAG, STATE_FILE, checkpoint_state
 from pipelines.pretrain.plan import RunPlan
 from xtra_core.config import XTRAConfig
-from xtra_core.model import build_model
+from xtra_core.model import build_model, flex_trains_on
 from xtra_core.optim import adamw, warmup_cosine_lr
 
 # report(metrics, checkpoint_dir or None): ray.train.report on a worker, anything in a test
@@ -95,6 +95,9 @@ def build_engine(cfg: XTRAConfig, plan: RunPlan) -> tuple[Any, Any]:
         config=deepspeed_config(cfg),
         dist_init_required=False,
     )
+    if cfg.model.attention == "flex" and flex_trains_on(engine.device):
+        for n in (cfg.model.num_patches - cfg.model.block_size**2, cfg.model.num_patches):
+            model.layout.mask(n, engine.device)  # build the BlockMasks outside a compiled graph
     if cfg.model.compile:
         engine.compile()
     engine.train()

@@ -21,6 +21,7 @@ import torch
 from pipelines.cli import main as cli_main
 from pipelines.errors import UserError
 from pipelines.pretrain import driver as pretrain
+from pipelines.pretrain.checkpoints import load_module_states
 from pipelines.tracking.registry import load_encoder
 from xtra_core.config import build_config
 from xtra_core.model import build_model
@@ -180,10 +181,9 @@ def test_registered_encoder_loads_back_with_the_trained_weights(ray_cluster, fmn
     assert not any("secret" in k.lower() for k in run.data.params)
     assert {"loss", "lr", "images_per_s", "bad_files"} <= set(run.data.metrics)
 
-    # the trained module weights, read from rank 0's DeepSpeed file (not through zero_to_fp32)
-    module = torch.load(
-        Path(out["checkpoint"]) / pretrain.DS_TAG / "mp_rank_00_model_states.pt", weights_only=False
-    )["module"]
+    # the trained module weights, read from rank 0's DeepSpeed file (not through zero_to_fp32),
+    # with torch.load(weights_only=True)
+    module = load_module_states(out["checkpoint"])
     model = build_model(cfg.model).eval()
     model.load_state_dict(module)
     encoder = load_encoder(out["model_uri"])
