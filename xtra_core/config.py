@@ -276,7 +276,8 @@ def tiny() -> XTRAConfig:
     """CPU-sized: 32 px, patch 4, block 2 (4x4 blocks of 8 px), ~6.3M parameters."""
     return XTRAConfig(
         model=ModelConfig(),
-        train=TrainConfig(global_batch_size=128, epochs=5, warmup_epochs=0.5, zero_stage=2),
+        train=TrainConfig(global_batch_size=128, epochs=5, warmup_epochs=0.5, zero_stage=2,
+                          checkpoint_every=100),
         probe=ProbeConfig(attentive_last_n=2),
         preset="tiny",
     )

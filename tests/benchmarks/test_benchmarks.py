@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import attention, gpu_h200, run_all, train_step, zero_memory
+from benchmarks import attention, gpu_h200, mfu, run_all, train_step, zero_memory
 from xtra_core.config import preset
 from xtra_core.model import XTRA
 
@@ -30,9 +30,15 @@ def test_train_step_smoke_writes_every_variant_and_ratio(tmp_path):
     assert data["results"] == json.loads(json.dumps(out["results"], default=str))
     (r,) = data["results"]
     assert {"reference fp32", "product fp32", "reference bf16", "product bf16",
-            "product model, for-loop AdamW fp32"} <= set(r["variants"])
-    for v in r["variants"].values():
+            "rung: model, for-loop AdamW fp32", "rung: model + fused AdamW bf16"} <= set(r["variants"])
+    for name, v in r["variants"].items():
         assert v["images_per_cpu_s"] > 0 and v["images_per_s_wall_best"] > 0
+        if name.startswith("product"):  # the trainer's DeepSpeed engine, with its MFU
+            assert v["engine"]["bf16"] == ("bf16" in name) and v["engine"]["zero_stage"] == 2
+            assert len(v["cpu_s_all"]) == 1 and 0 < v["mfu_cpu_time"] < 1 and 0 < v["mfu_wall"]
+            assert v["achieved_flops_per_s"] == pytest.approx(
+                r["train_flops_per_image"] * v["images_per_s"])
+            continue
         assert len(v["all_runs"]["cpu"]) == 1
         assert v["fwd_bwd_cpu_s_median"] + v["optimizer_cpu_s_median"] == pytest.approx(
             v["cpu_s_per_step_median"])
@@ -69,6 +75,8 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     for v in data["variants"].values():
         assert 0 < v["mfu"] and v["achieved_flops_per_s"] == pytest.approx(
             data["train_flops_per_image"]["total"] * v["images_per_s"])
+        assert v["engine"] == {"zero_stage": 2, "bf16": True, "compile": False,
+                               "optimizer": v["engine"]["optimizer"]}  # the product's engine
 
 
 @pytest.mark.parametrize("name", ["tiny", "vit_b16"])
@@ -76,7 +84,7 @@ def test_flop_formula_matches_torch_flop_counter_and_the_mask(name):
     """Matmul terms = torch's FLOP counter on the real forward (the conv runs on all N patches,
     the formula counts the n kept ones); attention terms = 4 * width * visible (q, k) pairs."""
     cfg = preset(name).model
-    flops = gpu_h200.train_flops_per_image(cfg)
+    flops = mfu.train_flops_per_image(cfg)
     with torch.device("meta"):
         model = XTRA(cfg).to("meta")
         with FlopCounterMode(display=False) as fc:
