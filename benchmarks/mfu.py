@@ -102,10 +102,11 @@ def single_process_group(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1")
     os.environ.setdefault("DS_ACCELERATOR", device.type)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    # the address in init_method, not in RANK/MASTER_* variables that later processes would inherit
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def step_config(model: ModelConfig, batch: int, bf16: bool, compile_: bool, zero_stage: int = 0

@@ -13,8 +13,16 @@ with the same `train.run_name` and `train.storage_path` resumes from the newest 
 stream restarts at the checkpoint's image row, so the run continues as if never interrupted.
 `train.max_failures` lets Ray restart a failed worker group automatically from the latest checkpoint.
 
-At the end the driver consolidates the full-precision encoder from the final checkpoint (ZeRO
-shards included), exports it (safetensors + config) and registers it in the MLflow Model Registry.
+Before the fit the driver checks what cannot work: the tracking server, the dataset listing, the
+resources (`resources.worker_cpus`: sized from the cluster when `train.cpus_per_worker` is unset),
+and a resumed run's config against its checkpoint's (`checkpoints.check_resume_config`).
+At the end it consolidates the full-precision encoder from the final checkpoint (ZeRO shards
+included), exports it (safetensors + config, re-read and compared) and registers it in the MLflow
+Model Registry.
+
+The pieces: `trainer.py` (the loop the workers run: build_engine / resume / train_step /
+save_checkpoint / fit), `worker.py` (that loop wired to Ray Train), `checkpoints.py`, `plan.py`,
+`resources.py`, `progress.py` (status lines and MLflow metrics), `stream.py` (the input stream).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ def read(path) -> dict:
     return data
 
 
+@pytest.mark.slow  # builds the product's DeepSpeed engines (fp32, bf16) in this process
 def test_train_step_smoke_writes_every_variant_and_ratio(tmp_path):
     out = train_step.main(["--smoke", "--repeats", "1", "--results-dir", str(tmp_path)])
     data = read(tmp_path / "train_step_smoke.json")
@@ -65,6 +66,7 @@ def test_chunked_sdpa_equals_masked_sdpa_for_uneven_chunks():
     assert torch.allclose(attention.chunked_sdpa(q, k, v, mask, 3, k2), dense, atol=1e-6)
 
 
+@pytest.mark.slow  # builds the product's DeepSpeed engine twice in this process
 def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     gpu_h200.main(["--tiny", "--no-compile", "--steps", "1", "--warmup", "1", "--batch", "2",
                    "--results-dir", str(tmp_path)])
@@ -132,6 +134,7 @@ def test_zero_memory_smoke_stage3_shards_the_state(tmp_path):
     assert data["goals"]["bf16"]["stage3_over_stage0_div_N"] == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.slow  # as above
 def test_run_all_smoke_of_the_gpu_script_writes_to_the_given_dir(tmp_path):
     assert run_all.main(["--only", "gpu_h200", "--smoke", "--results-dir", str(tmp_path)]) == 0
     assert (tmp_path / "gpu_h200_cpu_tiny.json").exists() or (tmp_path / "gpu_h200.json").exists()
