@@ -107,10 +107,10 @@ def build_engine(cfg: XTRAConfig, plan: RunPlan) -> tuple[Any, Any]:
 def resume(engine: Any, checkpoint_dir: str | None, plan: RunPlan) -> int:
     """Load a checkpoint (weights, optimiser shards, LR schedule) into `engine`; its step (0 for
     a fresh run). The checkpoint comes from the run's own storage (Ray hands it to the worker)."""
-    if checkpoint_dir is None:
-        return 0
-    _, client_state = engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
-    step = int(client_state["step"])
+    step = 0
+    if checkpoint_dir is not None:
+        _, client_state = engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
+        step = int(client_state["step"])
     if step < plan.start_step:
         raise RuntimeError(f"checkpoint step {step} is older than the run's start step {plan.start_step}")
     return step

@@ -4,6 +4,7 @@ automatic restart, and `ray.train.report` for metrics and checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
@@ -28,11 +29,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     engine, scheduler = build_engine(cfg, plan)
     checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
-    if checkpoint is None:
-        step = resume(engine, None, plan)
-    else:
-        with checkpoint.as_directory() as d:
-            step = resume(engine, d, plan)
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        step = resume(engine, d, plan)
     # the stream starts at plan.start_step; after an automatic restart Ray hands back a later
     # checkpoint than the one the stream was built for, so this worker passes over the difference
     batches = skip(micro_batches(cfg, ray.train.torch.get_device()),
