@@ -148,7 +148,8 @@ def test_loss_is_read_back_only_on_report_steps(one_process_group, tmp_path):
     # 14 micro steps, 7 optimiser steps; reports at steps 3, 6 and the final checkpoint at 7
     assert [m["step"] for m, _, _ in reports] == [3, 6, 7]
     assert counter.calls == ["tolist in reduce"] * 3, counter.calls  # one read-back per report
-    assert [files for _, files, _ in reports] == [None, None, ["ds", STATE_FILE]]
+    assert [files is None for _, files, _ in reports] == [True, True, False]
+    assert {"ds", STATE_FILE} <= set(reports[-1][1])  # every rank's DeepSpeed state + rank 0's
     assert reports[-1][2]["config"]["model.decoder_depth"] == 1 and reports[-1][2]["step"] == 7
     # each report is the mean loss of the micro steps since the previous one (6, 6, then 2)
     assert len(micro_losses) == 14
