@@ -6,17 +6,24 @@ shared: see below; load average recorded). Variants, each a full step:
 - `reference`: `xtra_core.reference.reference_loss` (raster token order, the dense block-causal
   mask built on every forward, the tokens of each block gathered by index, all K blocks) and
   torch's default AdamW (on CPU: the per-parameter for-loop; foreach kernels are GPU-only).
-- `product`: `XTRA.loss` (block-major order, cached mask, the never-attended last block dropped)
-  and `xtra_core.optim.adamw` (fused AdamW). This is the product's step.
-- two attribution rungs between them: the product model with all K blocks and the for-loop AdamW
-  (block-major order + cached mask alone), and with the last block dropped (+ for-loop AdamW).
-- the same pair under bf16 autocast (`xtra_core.accel.autocast`), parameters and AdamW in fp32.
-- `product ... + compile` (configs in --compile-configs, default tiny): the product's step with
-  the model under `torch.compile` (compiled in the untimed warm-up round).
+- `product {fp32,bf16}[ + compile]`: THE PRODUCT'S STEP: `pipelines.pretrain.trainer.build_engine`
+  (XTRA under the DeepSpeed engine, ZeRO stage of the preset, `train.bf16`, `model.compile`,
+  fused AdamW) and `trainer.train_step`, one rank (`benchmarks.mfu.time_product_step`), timed
+  after the interleaved rounds, one engine at a time.
+- model-level rungs in the same plain torch loop as the reference (attribution, not the product's
+  step): `XTRA.loss` (block-major order, cached mask, the never-attended last block dropped) with
+  `xtra_core.optim.adamw` (fused AdamW) = `model + fused AdamW`; the same with all K blocks and
+  the for-loop AdamW (block-major order + cached mask alone), and with the last block dropped
+  (+ for-loop AdamW); under bf16 autocast (`xtra_core.accel.autocast`) too.
 
-One AdamW serves all variants (its param groups are switched between the fused kernel and the
-for-loop: the same state tensors, so the big B/16 objective fits in memory once). Ratio = product
-images/s / reference images/s at the same precision. Goal: >= 1.3x.
+MFU (`benchmarks.mfu`): train FLOPs per image x images per second of the product's step / the
+bf16 matmul rate measured in the same run (a 1024^3 matmul; and, as what bounds the model on
+this CPU, the rate at the shape of its own MLP matmul [batch x tokens, width] @ [width, 4 width]),
+by process CPU time and by wall time.
+
+One AdamW serves the plain-loop variants (its param groups are switched between the fused kernel
+and the for-loop: the same state tensors, so the big B/16 objective fits in memory once). Ratio =
+product images/s / reference images/s at the same precision. Goal: >= 1.3x.
 
 The machine is shared (load average 5-13 on 2 cores while these ran), so wall time measures
 mostly the other processes. The headline is the process CPU time per step (user + system, all
@@ -25,6 +32,7 @@ which sharing barely changes. images per CPU-second x cores is the wall rate on 
 with perfect thread scaling. The best wall time of the interleaved rounds is reported next to it.
 
     .venv/bin/python -m benchmarks.train_step [--configs tiny vit_b16] [--repeats N]
+        [--compile-configs tiny vit_b16]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import mfu
 from benchmarks.common import load_avg, machine, markdown_table, write_result
 from xtra_core.accel import autocast
 from xtra_core.config import ModelConfig, preset
@@ -95,11 +104,10 @@ def make_step(
 
 def bench_config(
     name: str, cfg: ModelConfig, batch: int, repeats: int, precisions: list[str],
-    with_compile: bool = False,
+    with_compile: bool = False, zero_stage: int = 2,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     model = XTRA(cfg).train()
-    compiled = torch.compile(model) if with_compile else None  # shares model's parameters
     opt = adamw(model, lr=1e-4, weight_decay=0.05)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     variants: dict[str, tuple[Callable, bool, bool]] = {}
@@ -107,11 +115,9 @@ def bench_config(
         bf16 = precision == "bf16"
         variants[f"reference {precision}"] = (reference_loss, False, bf16)
         if not bf16:
-            variants["product model, all blocks, for-loop AdamW fp32"] = (full_blocks_loss, False, bf16)
-            variants["product model, for-loop AdamW fp32"] = (XTRA.loss, False, bf16)
-        variants[f"product {precision}"] = (XTRA.loss, True, bf16)
-        if compiled is not None:
-            variants[f"product {precision} + compile"] = (lambda _m, x: compiled(x), True, bf16)
+            variants["rung: model, all blocks, for-loop AdamW fp32"] = (full_blocks_loss, False, bf16)
+            variants["rung: model, for-loop AdamW fp32"] = (XTRA.loss, False, bf16)
+        variants[f"rung: model + fused AdamW {precision}"] = (XTRA.loss, True, bf16)
     records: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     steps = {
         v: make_step(model, opt, fn, x, fused, bf16, records[v])
@@ -138,6 +144,22 @@ def bench_config(
             "images_per_s_wall_best": batch / min(col["wall"]),
             "all_runs": col,
         }
+    del model, opt, steps
+    # the product's step: the DeepSpeed engine the trainer builds, one engine at a time
+    device = torch.device("cpu")
+    rate = mfu.matmul_rate(device, 1024)
+    tokens = cfg.num_patches - cfg.block_size**2  # the last block is dropped in training
+    model_gemm = mfu.matmul_rate(device, batch * tokens, cfg.encoder_width, 4 * cfg.encoder_width)
+    flops = mfu.train_flops_per_image(cfg)["total"]
+    out.update(matmul_1024=rate, matmul_model_mlp=model_gemm, train_flops_per_image=flops)
+    for precision in precisions:
+        for compile_ in (False, True) if with_compile else (False,):
+            step_cfg = mfu.step_config(cfg, batch, precision == "bf16", compile_, zero_stage)
+            r = mfu.time_product_step(step_cfg, device, warmup=1, steps=repeats)
+            r.update(mfu.mfu(flops, r, rate))
+            r["mfu_cpu_time_vs_model_gemm"] = flops * r["images_per_cpu_s"] / model_gemm["flops_per_cpu_s"]
+            r["images_per_s_wall_best"] = r["images_per_s_best"]
+            out["variants"][f"product {precision}" + (" + compile" if compile_ else "")] = r
     out["ratios_cpu_time"] = {}
     out["ratios_wall_best"] = {}
     for p in precisions:
@@ -167,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, cfg in configs.items():
         batch = args.batch or DEFAULT_BATCH.get(name, 4)
         repeats = args.repeats or DEFAULT_REPEATS.get(name, 3)
+        stage = preset(name).train.zero_stage if name in ("tiny", "vit_b16", "vit_h14") else 2
         results.append(bench_config(name, cfg, batch, repeats, args.precision,
-                                    with_compile=name in args.compile_configs))
+                                    with_compile=name in args.compile_configs, zero_stage=stage))
 
     rows = []
     for r in results:
@@ -177,19 +200,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p = "bf16" if "bf16" in v else "fp32"
             rows.append([
                 r["config"], r["batch"], v, m["images_per_cpu_s"],
-                m["fwd_bwd_cpu_s_median"], m["optimizer_cpu_s_median"],
+                m.get("fwd_bwd_cpu_s_median", ""), m.get("optimizer_cpu_s_median", ""),
                 m["images_per_cpu_s"] / ref[p]["images_per_cpu_s"],
                 m["images_per_s_wall_best"],
                 m["images_per_s_wall_best"] / ref[p]["images_per_s_wall_best"],
+                f"{100 * m['mfu_cpu_time']:.1f}" if "mfu_cpu_time" in m else "",
+                f"{100 * m['mfu_wall']:.1f}" if "mfu_wall" in m else "",
             ])
     table = markdown_table(
         ["config", "batch", "variant", "img per CPU-s", "fwd+bwd CPU-s", "AdamW CPU-s",
-         "x ref (CPU time)", "img/s wall best", "x ref (wall best)"], rows
+         "x ref (CPU time)", "img/s wall best", "x ref (wall best)", "MFU % (CPU time)",
+         "MFU % (wall)"], rows
     )
+    mfu_lines = [
+        f"{r['config']}: bf16 matmul 1024^3 {r['matmul_1024']['flops_per_cpu_s'] / 1e9:.0f} GFLOP "
+        f"per CPU-s ({r['matmul_1024']['flops_per_s'] / 1e9:.0f} GFLOP/s best wall); at the model's "
+        f"MLP shape {r['matmul_model_mlp']['shape']}: "
+        f"{r['matmul_model_mlp']['flops_per_cpu_s'] / 1e9:.0f} GFLOP per CPU-s; "
+        f"{r['train_flops_per_image'] / 1e9:.3f} GFLOP per image (train)" for r in results]
     goals = {f"{r['config']} {p}": {"ratio_cpu_time": x, "ratio_wall_best": r["ratios_wall_best"][p],
                                     "met": x >= 1.3}
              for r in results for p, x in r["ratios_cpu_time"].items()}
     print("\n### Training step: product vs reference (medians of CPU time; best wall time)\n")
+    print("\n".join(mfu_lines) + "\n")
     print(table)
     print("\n" + "\n".join(
         f"{k}: {g['ratio_cpu_time']:.2f}x by CPU time, {g['ratio_wall_best']:.2f}x by best wall "
@@ -205,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "device": "cpu", "threads": torch.get_num_threads()},
         "results": results,
         "goals": goals,
+        "mfu_notes": mfu_lines,
         "table_markdown": table,
     }
     write_result("train_step_smoke" if args.smoke else "train_step", payload, args.results_dir)

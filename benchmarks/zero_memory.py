@@ -1,8 +1,9 @@
 """Memory per rank under DeepSpeed ZeRO stages 0/1/2/3 with 2 workers, against the ZeRO model.
 
 Each (precision, stage) case spawns 2 fresh processes (gloo on 127.0.0.1, one thread each) that
-run `deepspeed.initialize` on the same XTRA model with the product's optimiser
-(`xtra_core.optim.adamw`: AdamW, fused on CPU) and take two training steps on a fixed batch.
+build the product's engine (`pipelines.pretrain.trainer.build_engine`: XTRA under DeepSpeed with
+the product's DeepSpeed config, `trainer.deepspeed_config`, and optimiser, fused AdamW) for the
+same model and take two training steps on a fixed batch.
 After the second backward (gradients, moments and parameters all alive) each rank counts the bytes
 of every live tensor storage (`gc`, deduplicated by storage, so views are not counted twice) and
 sorts them by what holds them:
@@ -47,9 +48,10 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.common import load_avg, machine, markdown_table, write_result
-from xtra_core.config import ModelConfig
+from pipelines.pretrain.plan import RunPlan
+from pipelines.pretrain.trainer import build_engine, deepspeed_config
+from xtra_core.config import ModelConfig, XTRAConfig, build_config
 from xtra_core.model import XTRA, count_parameters
-from xtra_core.optim import adamw
 
 WORLD = 2
 BUCKET = 2**22  # elements: reduce / all-gather / prefetch buckets (DeepSpeed default 5e8 = 2 GB fp32)
@@ -73,27 +75,14 @@ def smoke_model_config() -> ModelConfig:
     )
 
 
-def ds_config(stage: int, bf16: bool, micro_batch: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": stage}
-    if stage > 0:
-        zero.update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
-    if stage == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=BUCKET,
-            stage3_param_persistence_threshold=0,  # partition every parameter, small ones too
-            stage3_max_live_parameters=BUCKET,
-        )
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch * WORLD,
-        "gradient_clipping": 1.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
+def run_config(stage: int, bf16: bool, micro_batch: int, model: ModelConfig) -> XTRAConfig:
+    """The product's config for one case: WORLD workers, `micro_batch` each, ZeRO `stage`."""
+    cfg = build_config("tiny", None, {
+        "train.num_workers": WORLD, "train.global_batch_size": micro_batch * WORLD,
+        "train.zero_stage": stage, "train.bf16": bf16, "train.zero_bucket_size": BUCKET,
+        "train.lr": 1e-4, "train.warmup_steps": 0, "train.max_steps": 2})
+    cfg.model = model
+    return cfg
 
 
 # --------------------------------------------------------------------------- counting bytes
@@ -199,13 +188,11 @@ def _worker(rank: int, port: int, spec: dict[str, Any], out_dir: str) -> None:
     ds_logger.setLevel("ERROR")
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rss_before = rss_bytes()
-    cfg = ModelConfig(**spec["model"])
-    torch.manual_seed(0)
-    model = XTRA(cfg)
-    opt = adamw(model, lr=1e-4, weight_decay=0.05)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, config=ds_config(spec["stage"], spec["bf16"], spec["micro_batch"])
-    )
+    run = run_config(spec["stage"], spec["bf16"], spec["micro_batch"], ModelConfig(**spec["model"]))
+    cfg = run.model
+    plan = RunPlan(total_steps=2, steps_per_epoch=2, rows_per_epoch=10**6, start_step=0, stop_step=2)
+    engine, _ = build_engine(run, plan)
+    model = engine.module
     dtype = torch.bfloat16 if spec["bf16"] else torch.float32
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(spec["micro_batch"], 3, cfg.image_size, cfg.image_size, generator=g).to(dtype)
@@ -332,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             "model": dataclasses.asdict(model_cfg), "parameters": psi, "world_size": WORLD,
             "micro_batch": args.micro_batch, "bucket_elements": BUCKET,
-            "deepspeed_config_stage3": ds_config(3, True, args.micro_batch),
+            "deepspeed_config_stage3": deepspeed_config(run_config(3, True, args.micro_batch, model_cfg)),
+            "engine": "pipelines.pretrain.trainer.build_engine (the product's DeepSpeed config)",
             "optimizer": "xtra_core.optim.adamw (torch AdamW, fused on CPU)",
             "measured_at": "after the second backward, before its optimiser step",
         },

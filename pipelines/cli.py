@@ -10,15 +10,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from pipelines import console
 from pipelines.errors import UserError
 from xtra_core.config import ConfigError
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    """`--verbose` is global (`xtra --verbose pretrain ...`) and accepted after the subcommand."""
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's own output too (same as xtra --verbose)")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    _add_verbose(p)
     p.add_argument(
         "--config",
         default="tiny",
@@ -39,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xtra",
         description="XTRA pretraining on Ray: data, pretrain, probe, visualize, export, promote.",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output too (worker logs, Ray Data progress bars, library warnings)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     # -- data
@@ -55,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--limit", type=int, default=None, help="at most this many images per split (seeded)"
     )
+    _add_verbose(prep)
     prep.set_defaults(func=_run_data_prepare)
     insp = dsub.add_parser(
         "inspect", help="decode every file through the pipeline; print one JSON object"
     )
     insp.add_argument("uri", help="local directory, s3://bucket/prefix, or a manifest .csv/.parquet")
     insp.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    _add_verbose(insp)
     insp.set_defaults(func=_run_data_inspect)
 
     # -- pretrain
@@ -261,9 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv, job_args = split_job_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.job_args = job_args
-    # the product's own progress lines (loggers named xtra.*) go to stderr
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-    logging.getLogger("xtra").setLevel(logging.INFO)
+    # the product's own progress lines (loggers named xtra.*) go to stderr; Ray's only if verbose
+    console.configure(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:

@@ -6,18 +6,18 @@
 3. `xtra probe` (linear + attentive) on the registered encoder and on a random-init encoder of the
    same config, printed side by side.
 
-    python -m pipelines.demo [--out demo_out] [--steps 300] [--probe-images 5000]
+    python -m pipelines.demo [--out demo_out] [--steps 300] [--probe-images 5000] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from pipelines.cli import main as cli_main
+from pipelines import console
 from pipelines.config_io import load_config
+from pipelines.pretrain.plan import default_run_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,11 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="pretraining optimiser steps (batch 64)")
     p.add_argument("--probe-images", type=int, default=5000, help="train images for the probes")
     p.add_argument("--probe-epochs", type=int, default=3, help="epochs of attentive-probe training")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console.configure(args.verbose)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "fashion-mnist"
@@ -38,15 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (data / "test").is_dir():
         print(f"[demo] 1/3 preparing Fashion-MNIST into {data}", flush=True)
-        if cli_main(["data", "prepare", "--source", "fashion-mnist", "--dest", str(data)]):
-            return 1
+        from pipelines.data.commands import prepare
+
+        prepare("fashion-mnist", str(data), None, None)
     else:
         print(f"[demo] 1/3 Fashion-MNIST already in {data}", flush=True)
 
     from pipelines.pretrain.driver import run_pretraining
     from pipelines.probe.driver import probe
 
-    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = default_run_name("demo")
     common = [
         f"data.uri={data}",
         f"mlflow.tracking_uri={tracking}",
@@ -58,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         common
         + [
             "train.num_workers=2",
-            "train.cpus_per_worker=0.5",
             "train.zero_stage=2",
             "train.global_batch_size=64",
             f"train.max_steps={args.steps}",

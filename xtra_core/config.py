@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,7 +172,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per worker; default global / num_workers
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: sized from the cluster, leaving CPUs to decode
     zero_stage: int = 2
     zero_bucket_size: int = 50_000_000  # elements per ZeRO reduce/allgather bucket
     bf16: bool = False
@@ -193,6 +194,7 @@ class TrainConfig:
     # picture of a fixed set of train images is drawn from the checkpoint and logged; 0 = off
     visualize_every: int = 0
     visualize_images: int = 8
+    resume_mismatch_ok: bool = False  # resume even if the model/batch config differs from the checkpoint's
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -315,7 +317,8 @@ def tiny() -> XTRAConfig:
     """CPU-sized: 32 px, patch 4, block 2 (4x4 blocks of 8 px), ~6.3M parameters."""
     return XTRAConfig(
         model=ModelConfig(),
-        train=TrainConfig(global_batch_size=128, epochs=5, warmup_epochs=0.5, zero_stage=2),
+        train=TrainConfig(global_batch_size=128, epochs=5, warmup_epochs=0.5, zero_stage=2,
+                          checkpoint_every=100),
         probe=ProbeConfig(attentive_last_n=2),
         preset="tiny",
     )
@@ -424,7 +427,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the field type `tp`; accept ints for floats, lists for tuples."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]

@@ -201,10 +201,6 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.encoder_width
-
     def embed(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """images [B, C, H, W] -> the first `num_tokens` (default all N) tokens in block-major
         order, [B, num_tokens, D] (pos embed permuted too)."""
@@ -359,13 +355,3 @@ def build_model(cfg: str | XTRAConfig | ModelConfig = "tiny") -> XTRA:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def describe(model: XTRA) -> str:
-    """One line: parameter counts, as nanoGPT prints them."""
-    enc = count_parameters(model.encoder)
-    return (
-        f"XTRA: {count_parameters(model) / 1e6:.2f}M parameters "
-        f"(encoder {enc / 1e6:.2f}M), {model.cfg.num_blocks} blocks of "
-        f"{model.cfg.block_size}x{model.cfg.block_size} patches at {model.cfg.image_size} px"
-    )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import attention, gpu_h200, run_all, train_step, zero_memory
+from benchmarks import attention, gpu_h200, mfu, run_all, train_step, zero_memory
 from xtra_core.config import preset
 from xtra_core.model import XTRA
 
@@ -24,15 +24,22 @@ def read(path) -> dict:
     return data
 
 
+@pytest.mark.slow  # builds the product's DeepSpeed engines (fp32, bf16) in this process
 def test_train_step_smoke_writes_every_variant_and_ratio(tmp_path):
     out = train_step.main(["--smoke", "--repeats", "1", "--results-dir", str(tmp_path)])
     data = read(tmp_path / "train_step_smoke.json")
     assert data["results"] == json.loads(json.dumps(out["results"], default=str))
     (r,) = data["results"]
     assert {"reference fp32", "product fp32", "reference bf16", "product bf16",
-            "product model, for-loop AdamW fp32"} <= set(r["variants"])
-    for v in r["variants"].values():
+            "rung: model, for-loop AdamW fp32", "rung: model + fused AdamW bf16"} <= set(r["variants"])
+    for name, v in r["variants"].items():
         assert v["images_per_cpu_s"] > 0 and v["images_per_s_wall_best"] > 0
+        if name.startswith("product"):  # the trainer's DeepSpeed engine, with its MFU
+            assert v["engine"]["bf16"] == ("bf16" in name) and v["engine"]["zero_stage"] == 2
+            assert len(v["cpu_s_all"]) == 1 and 0 < v["mfu_cpu_time"] < 1 and 0 < v["mfu_wall"]
+            assert v["achieved_flops_per_s"] == pytest.approx(
+                r["train_flops_per_image"] * v["images_per_s"])
+            continue
         assert len(v["all_runs"]["cpu"]) == 1
         assert v["fwd_bwd_cpu_s_median"] + v["optimizer_cpu_s_median"] == pytest.approx(
             v["cpu_s_per_step_median"])
@@ -59,6 +66,7 @@ def test_chunked_sdpa_equals_masked_sdpa_for_uneven_chunks():
     assert torch.allclose(attention.chunked_sdpa(q, k, v, mask, 3, k2), dense, atol=1e-6)
 
 
+@pytest.mark.slow  # builds the product's DeepSpeed engine twice in this process
 def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     gpu_h200.main(["--tiny", "--no-compile", "--steps", "1", "--warmup", "1", "--batch", "2",
                    "--results-dir", str(tmp_path)])
@@ -69,6 +77,8 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
     for v in data["variants"].values():
         assert 0 < v["mfu"] and v["achieved_flops_per_s"] == pytest.approx(
             data["train_flops_per_image"]["total"] * v["images_per_s"])
+        assert v["engine"] == {"zero_stage": 2, "bf16": True, "compile": False,
+                               "optimizer": v["engine"]["optimizer"]}  # the product's engine
 
 
 @pytest.mark.parametrize("name", ["tiny", "vit_b16"])
@@ -76,7 +86,7 @@ def test_flop_formula_matches_torch_flop_counter_and_the_mask(name):
     """Matmul terms = torch's FLOP counter on the real forward (the conv runs on all N patches,
     the formula counts the n kept ones); attention terms = 4 * width * visible (q, k) pairs."""
     cfg = preset(name).model
-    flops = gpu_h200.train_flops_per_image(cfg)
+    flops = mfu.train_flops_per_image(cfg)
     with torch.device("meta"):
         model = XTRA(cfg).to("meta")
         with FlopCounterMode(display=False) as fc:
@@ -124,6 +134,7 @@ def test_zero_memory_smoke_stage3_shards_the_state(tmp_path):
     assert data["goals"]["bf16"]["stage3_over_stage0_div_N"] == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.slow  # as above
 def test_run_all_smoke_of_the_gpu_script_writes_to_the_given_dir(tmp_path):
     assert run_all.main(["--only", "gpu_h200", "--smoke", "--results-dir", str(tmp_path)]) == 0
     assert (tmp_path / "gpu_h200_cpu_tiny.json").exists() or (tmp_path / "gpu_h200.json").exists()

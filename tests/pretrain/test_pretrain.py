@@ -21,6 +21,7 @@ import torch
 from pipelines.cli import main as cli_main
 from pipelines.errors import UserError
 from pipelines.pretrain import driver as pretrain
+from pipelines.pretrain.checkpoints import load_module_states
 from pipelines.tracking.registry import load_encoder
 from xtra_core.config import build_config
 from xtra_core.model import build_model
@@ -121,6 +122,14 @@ def test_resume_by_run_name_continues_the_same_curve(ray_cluster, one_image, tmp
     out1 = pretrain.run_pretraining(first)
     assert out1["step"] == 4 and "model_uri" not in out1  # stopped early: nothing registered yet
 
+    # the same run name with another decoder: refused before anything starts, keys named
+    changed = make_cfg(tmp_path, one_image, "interrupted", **DETERMINISTIC_AUG, **{"model.decoder_depth": 2})
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"model\.decoder_depth=1 -> 2.*train\.resume_mismatch_ok"):
+        pretrain.run_pretraining(changed)
+    assert time.time() - t0 < 60
+    assert sorted(history(changed, out1["run_id"], "loss")) == [1, 2, 3, 4]  # nothing lost or added
+
     again = make_cfg(tmp_path, one_image, "interrupted", **DETERMINISTIC_AUG)  # same command, no stop
     out2 = pretrain.run_pretraining(again)
     assert out2["run_id"] == out1["run_id"]  # the same MLflow run goes on
@@ -180,10 +189,9 @@ def test_registered_encoder_loads_back_with_the_trained_weights(ray_cluster, fmn
     assert not any("secret" in k.lower() for k in run.data.params)
     assert {"loss", "lr", "images_per_s", "bad_files"} <= set(run.data.metrics)
 
-    # the trained module weights, read from rank 0's DeepSpeed file (not through zero_to_fp32)
-    module = torch.load(
-        Path(out["checkpoint"]) / pretrain.DS_TAG / "mp_rank_00_model_states.pt", weights_only=False
-    )["module"]
+    # the trained module weights, read from rank 0's DeepSpeed file (not through zero_to_fp32),
+    # with torch.load(weights_only=True)
+    module = load_module_states(out["checkpoint"])
     model = build_model(cfg.model).eval()
     model.load_state_dict(module)
     encoder = load_encoder(out["model_uri"])
@@ -195,6 +203,20 @@ def test_registered_encoder_loads_back_with_the_trained_weights(ray_cluster, fmn
         assert not torch.allclose(encoder(x), fresh.encode(x), atol=1e-3)
     pyfunc = mlflow.pyfunc.load_model(out["model_uri"])
     assert pyfunc.predict(x.numpy()).shape == (3, 64)
+
+
+def test_a_resource_request_that_would_hang_fails_in_seconds_naming_the_keys(ray_cluster, fmnist, tmp_path):
+    """2 workers x 1 CPU on the 2-CPU test cluster leave Ray Data's decode tasks no CPU: before,
+    the fit waited forever; now it fails before the run starts."""
+    cfg = make_cfg(tmp_path, fmnist, "hog", **{"train.cpus_per_worker": 1.0})
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"train\.num_workers=2 x train\.cpus_per_worker=1 leaves 0 of"):
+        pretrain.run_pretraining(cfg)
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "runs" / "hog").exists()
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("test")
+    assert exp is None or not client.search_runs([exp.experiment_id])  # no MLflow run either
 
 
 def test_unreachable_tracking_server_fails_before_any_compute(tmp_path, fmnist):

@@ -1,0 +1,71 @@
+"""What the user sees on the console: the product's status lines (`[xtra] ...`, loggers named
+`xtra.*`) and warnings that matter; Ray's own output (worker and actor logs forwarded to the
+driver, Ray Data progress bars, deprecation warnings, library progress bars) only with
+`xtra --verbose`. Ray's output is still written to its log files (`/tmp/ray/session_*/logs`).
+
+The CLI calls `configure(verbose)` once; jobs ask `verbose()` and `ray_init_kwargs()` when they
+start Ray. The choice travels in the `XTRA_VERBOSE` environment variable, so a job started from
+the CLI (or a Tune trial it launches) sees it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+ENV = "XTRA_VERBOSE"
+
+
+def configure(verbose: bool) -> None:
+    """Logging for the `xtra` command: the product's loggers at INFO on stderr; the libraries'
+    chatter off unless `verbose`."""
+    os.environ[ENV] = "1" if verbose else "0"
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.getLogger("xtra").setLevel(logging.INFO)
+    if verbose:
+        return
+    for name in ("mlflow", "ray", "DeepSpeed", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR if name == "ray" else logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # DeepSpeed's "Loading checkpoint shards" bar
+
+
+def verbose() -> bool:
+    """True when the user asked for Ray's output (`xtra --verbose`); False by default."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """`ray.init` arguments: workers' and actors' output forwarded to the driver only when
+    verbose (the product's status lines are printed by the driver itself)."""
+    return {"logging_level": logging.WARNING if verbose() else logging.ERROR,
+            "log_to_driver": verbose()}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and per-execution plan lines only when verbose."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose()
+    ctx.print_on_execution_start = verbose()
+
+
+@contextlib.contextmanager
+def captured_unless_verbose() -> Iterator[None]:
+    """Swallow what a library prints to stdout/stderr in the block (progress bars, "Processing
+    ..." lines) unless verbose; an exception still propagates with its message."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield

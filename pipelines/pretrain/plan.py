@@ -1,0 +1,54 @@
+"""What a pretraining invocation trains (`RunPlan`), and the run defaults every job shares: the
+run name (`default_run_name`) and where runs are stored (`storage_path`, default ~/xtra_runs)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import UserError
+from xtra_core.config import XTRAConfig
+
+DEFAULT_STORAGE = "~/xtra_runs"
+
+
+def default_run_name(prefix: str) -> str:
+    """`<prefix>-YYYYmmdd-HHMMSS` (local time): the name of a run the user did not name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_path(configured: str | None) -> str:
+    """`train.storage_path` as given (a local dir or s3://), else ~/xtra_runs expanded."""
+    return configured or str(Path(DEFAULT_STORAGE).expanduser())
+
+
+@dataclass
+class RunPlan:
+    """What this invocation trains: steps [start_step, stop_step) of a run of total_steps."""
+
+    total_steps: int
+    steps_per_epoch: int
+    rows_per_epoch: int
+    start_step: int
+    stop_step: int
+    bad_files_actor: str = ""
+
+
+def plan_run(cfg: XTRAConfig, num_images: int, start_step: int) -> RunPlan:
+    """Steps per epoch from the dataset size (or `train.steps_per_epoch`), the run's length from
+    `train.max_steps` or `train.epochs`, this invocation's end from `train.stop_at_step`."""
+    t = cfg.train
+    steps_per_epoch = t.steps_per_epoch or num_images // t.global_batch_size
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"{cfg.data.uri}: {num_images} images is less than one global batch "
+            f"(train.global_batch_size={t.global_batch_size})"
+        )
+    total = t.max_steps or t.epochs * steps_per_epoch
+    stop = min(total, t.stop_at_step) if t.stop_at_step else total
+    if start_step >= stop:
+        raise UserError(f"run {t.run_name!r} already reached step {start_step} of {stop}; nothing to train")
+    return RunPlan(total, steps_per_epoch, num_images, start_step, stop,
+                   bad_files_actor=f"xtra-bad-files-{t.run_name}-{uuid.uuid4().hex[:8]}")

@@ -1,0 +1,107 @@
+"""The function every Ray Train worker runs: the trainer (`pipelines.pretrain.trainer`) wired to
+Ray: this worker's shard of the image stream, the checkpoint Ray hands back on a resume or an
+automatic restart, and `ray.train.report` for metrics and checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from pipelines.data.images import normalize
+from pipelines.pretrain.plan import RunPlan
+from pipelines.pretrain.trainer import build_engine, fit, resume, skip
+from xtra_core.config import XTRAConfig, config_from_dict
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (torch.distributed is already initialised by Ray)."""
+    quiet_worker()
+    cfg = config_from_dict(loop_config["config"])
+    plan = RunPlan(**loop_config["plan"])
+    rank = ray.train.get_context().get_world_rank()
+    engine, scheduler = build_engine(cfg, plan)
+    checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        step = resume(engine, d, plan)
+    # the stream starts at plan.start_step; after an automatic restart Ray hands back a later
+    # checkpoint than the one the stream was built for, so this worker passes over the difference
+    batches = skip(micro_batches(cfg, ray.train.torch.get_device()),
+                   (step - plan.start_step) * cfg.train.grad_accum_steps)
+    bad_files = BadFileDelta(plan.bad_files_actor if rank == 0 else None)
+
+    def extra_metrics() -> dict[str, float]:
+        return {"bad_files": bad_files.since_last(),
+                "optimizer_state_mb": optimizer_state_bytes(engine) / 2**20}  # this rank
+
+    step = fit(engine, scheduler, batches, cfg, plan, step, report, rank, extra_metrics)
+    if step < plan.stop_step:
+        raise RuntimeError(
+            f"the data stream ended at step {step} before step {plan.stop_step}: "
+            f"rank {rank} got fewer batches than planned"
+        )
+
+
+def quiet_worker() -> None:
+    """The driver prints one status line per report; the workers' own loggers stay at warnings."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def micro_batches(cfg: XTRAConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    """This worker's micro batches, normalised on the device in the engine's dtype [B, 3, H, W]."""
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg.train.micro_batch, drop_last=True, prefetch_batches=2, device=device
+    ):
+        yield normalize(batch["image"], cfg.data.mean, cfg.data.std).to(dtype)
+
+
+def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    if checkpoint_dir is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=f"checkpoint_step{int(metrics['step']):09d}")
+
+
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes this rank holds for the optimiser: the (master) parameters it updates plus their
+    AdamW moments. Stage 0 holds all of them; ZeRO 1-3 hold a 1/N partition."""
+    opt = engine.optimizer
+    while hasattr(opt, "optimizer"):  # unwrap ZeRO / bf16 wrappers down to torch's AdamW
+        opt = opt.optimizer
+    seen: set[int] = set()
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            tensors = [p, *(v for v in opt.state.get(p, {}).values() if torch.is_tensor(v))]
+            for t in tensors:
+                if id(t) not in seen and t.numel() > 1:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
+class BadFileDelta:
+    """Rank 0 reads the data pipeline's bad-file counter actor: files skipped since last read."""
+
+    def __init__(self, actor_name: str | None) -> None:
+        self.actor = ray.get_actor(actor_name) if actor_name else None
+        self.last = 0
+
+    def since_last(self) -> float:
+        if self.actor is None:
+            return 0.0
+        count = ray.get(self.actor.count.remote())
+        delta, self.last = count - self.last, count
+        return float(delta)
