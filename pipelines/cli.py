@@ -35,7 +35,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xtra", description="XTRA pretraining on Ray: data, pretrain, probe."
+        prog="xtra", description="XTRA pretraining on Ray: data, pretrain, probe, sweep."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

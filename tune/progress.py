@@ -7,6 +7,7 @@ status tables stay off (verbose=0) unless `xtra sweep --verbose`.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -20,10 +21,14 @@ def _line(text: str) -> None:
 
 def last_error_line(trial) -> str:
     """The last line of a failed trial's error (the exception's own message)."""
-    try:
-        err = trial.get_pickled_error() or trial.get_error()
+    err = None
+    try:  # Tune writes error.txt next to the trial locally first, then syncs it to storage
+        if trial.error_file and Path(trial.error_file).is_file():
+            err = Path(trial.error_file).read_text()
+        else:
+            err = trial.get_pickled_error() or trial.get_error()
     except Exception:  # noqa: BLE001 - the error file may not be readable yet
-        err = None
+        pass
     lines = [ln for ln in str(err or "").strip().splitlines() if ln.strip()]
     return lines[-1].strip()[:300] if lines else f"see {trial.error_file or 'the trial directory'}"
 
@@ -38,7 +43,9 @@ class TrialEvents(Callback):
         self.t0: dict[str, float] = {}
 
     def _name(self, trial) -> str:
-        i = self.index.setdefault(trial.trial_id, len(self.index) + 1)
+        # Tune's trial ids end in the grid index (`b719b_00001`), also after a resume
+        tail = trial.trial_id.rsplit("_", 1)[-1]
+        i = int(tail) + 1 if tail.isdigit() else self.index.setdefault(trial.trial_id, len(self.index) + 1)
         return f"trial {i}/{self.total} ({axis_label(self.axes, trial.config)})"
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:

@@ -115,14 +115,19 @@ def parent_run(uri: str, cfg: XTRAConfig, name: str, spec: dict[str, Any]) -> st
 
 @contextlib.contextmanager
 def tune_output(verbose: bool) -> Iterator[None]:
-    """Tune's own console output: its status tables only with --verbose. (Tune's newer reporter
-    prints its header box even at verbose=0; its classic reporter is silent at 0.)"""
+    """Tune's own console output (status tables, trial tracebacks) only with --verbose. (Tune's
+    newer reporter prints its header box even at verbose=0; its classic reporter is silent.)"""
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # a failed trial's traceback is in its error.txt; the console gets one "failed:" line
+        tune_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        tune_log.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:

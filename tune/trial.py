@@ -74,7 +74,7 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     from ray import tune
 
     cfg = trial_config(spec, config)
-    out = run_pretraining(
+    out = finished_pretraining(spec, cfg) or run_pretraining(
         cfg, callbacks=[PretrainReport()], parent_run_id=spec.parent_run_id, register=False
     )
     run_id = out["run_id"]
@@ -94,6 +94,29 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     tune.report({"phase": "probe", "step": out["step"], "total_steps": out["step"],
                  "loss": last.get("loss"), "run_id": run_id or "", "run_name": cfg.train.run_name,
                  **scores})
+
+
+def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | None:
+    """A trial whose pretraining ended before the sweep was stopped (it was probing): its MLflow
+    run and exported encoder, so a resumed sweep probes it again instead of retraining."""
+    import mlflow
+
+    client = mlflow.MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], max_results=1,
+                               filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.train.run_name}'")
+    if not found or not any(a.path == "encoder" for a in client.list_artifacts(found[0].info.run_id)):
+        return None
+    run = found[0]
+    export_dir = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="encoder", tracking_uri=spec.tracking_uri)
+    logger.info("%s: pretraining already finished; probing its encoder", cfg.train.run_name)
+    curve = client.get_metric_history(run.info.run_id, "loss")
+    return {"run_id": run.info.run_id, "export_dir": export_dir,
+            "step": max((m.step for m in curve), default=0),
+            "metrics": {"loss": run.data.metrics.get("loss")}}
 
 
 def log_probe_scores(

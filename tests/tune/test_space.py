@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -122,3 +123,32 @@ def test_summary_is_mean_and_sample_std_over_finished_seeds(tmp_path):
     tables.plot(tmp_path / "p.png", [s1, s2], {"model.block_size": "block_size"}, "t")
     with Image.open(tmp_path / "p.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
+
+
+@pytest.mark.slow  # a real MLflow sqlite store: its schema migrations take tens of seconds here
+def test_a_trial_whose_pretraining_had_ended_is_probed_again_not_retrained(tmp_path):
+    """Resume after a stop while the trial was probing: its MLflow run already holds the encoder."""
+    import mlflow
+
+    from pipelines.tracking import runs as tracking
+    from tune.trial import finished_pretraining
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    base = build_config("tiny", None, {"mlflow.tracking_uri": uri, "mlflow.experiment": "e"})
+    spec = SweepSpec(name="s", base=base.to_dict(), axis_names={"model.block_size": "block_size"},
+                     tracking_uri=uri)
+    cfg = trial_config(spec, {"model.block_size": 2, "seed": 0})
+    assert finished_pretraining(spec, cfg) is None  # no store entry yet: pretrain
+    run_id = tracking.start_or_resume_run(uri, cfg, cfg.train.run_name)
+    tracking.log_step_metrics(uri, run_id, {"loss": 0.7}, 5)
+    assert finished_pretraining(spec, cfg) is None  # a run without its encoder: pretrain (resume)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    tracking.log_encoder_files(uri, run_id, export)
+    out = finished_pretraining(spec, cfg)
+    assert out["run_id"] == run_id and out["step"] == 5 and out["metrics"]["loss"] == 0.7
+    assert (Path(out["export_dir"]) / "config.json").read_text() == "{}"
+    other = trial_config(spec, {"model.block_size": 1, "seed": 0})
+    assert finished_pretraining(spec, other) is None
+    mlflow.set_tracking_uri(None)
