@@ -122,7 +122,7 @@ def plot(path: Path, summary: list[dict[str, Any]], axis_names: dict[str, str], 
         groups.setdefault(tuple(s["point"][k] for k in rest), []).append(s)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for g, entries in groups.items():
-        label = ", ".join(f"{axis_names[k]}={v}" for k, v in zip(rest, g)) or "probe"
+        label = ", ".join(f"{axis_names[k]}={v}" for k, v in zip(rest, g))
         for metric, style in (("val_top1", "-o"), ("top1", "--s")):
             pos, ys, es = [], [], []
             for e in entries:
@@ -132,7 +132,8 @@ def plot(path: Path, summary: list[dict[str, Any]], axis_names: dict[str, str], 
                     es.append(100 * (e[f"{metric}_std"] or 0.0))
             if pos:
                 which = "val" if metric == "val_top1" else "test"
-                ax.errorbar(pos, ys, yerr=es, fmt=style, capsize=4, label=f"{label} ({which})")
+                ax.errorbar(pos, ys, yerr=es, fmt=style, capsize=4,
+                            label=f"{label} ({which})" if label else which)
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_xlabel(axis_names[first])
     ax.set_ylabel("probe top-1 (%)")
