@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 
-def trial_rows(grid, axis_keys: Sequence[str], interrupted: bool = False) -> list[dict[str, Any]]:
+def trial_rows(
+    grid, axis_keys: Sequence[str], unfinished: set[str] | frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """One row per trial of a Tune ResultGrid: its axis values, seed, status (done, failed,
-    stopped by the scheduler, or unfinished when the sweep was interrupted) and scores."""
+    stopped by the scheduler, or unfinished: a folder name in `unfinished`) and scores."""
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -27,7 +29,7 @@ def trial_rows(grid, axis_keys: Sequence[str], interrupted: bool = False) -> lis
             status = "failed"
         elif m.get("phase") == "probe":
             status = "done"
-        elif interrupted:
+        elif Path(str(result.path)).name in unfinished:
             status = "unfinished"
         else:
             status = "stopped"  # the scheduler ended it before the step budget

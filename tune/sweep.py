@@ -229,8 +229,9 @@ def run_sweep(
     t0 = time.time()
     with tune_output(opts.verbose):
         grid = tuner.fit()
-    interrupted = grid.num_terminated + grid.num_errors < len(grid)
-    rows = tables.trial_rows(grid, [a.key for a in axes], interrupted)
+        unfinished = unfinished_trials(exp_path, storage_fs)
+    interrupted = bool(unfinished)
+    rows = tables.trial_rows(grid, [a.key for a in axes], unfinished)
     summary = tables.summarize(rows, points)
     axis_names = {a.key: a.name for a in axes}
     markdown = tables.to_markdown(summary, axis_names, kind=opts.kinds[0])
@@ -247,6 +248,16 @@ def run_sweep(
               "to resume it", flush=True)
     return {"name": name, "experiment_path": exp_path, "parent_run_id": parent_id, "rows": rows,
             "summary": summary, "markdown": markdown, "files": files, "interrupted": interrupted}
+
+
+def unfinished_trials(exp_path: str, storage_fs) -> set[str]:
+    """Trial folder names that the saved experiment state holds as not finished (a Ctrl-C: Tune
+    saves the state, then stops the running trials, so its in-memory result calls them done)."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    saved = ExperimentAnalysis(exp_path, storage_filesystem=storage_fs).trials
+    return {Path(t.path).name for t in saved if t.status not in (Trial.TERMINATED, Trial.ERROR)}
 
 
 def write_results(
