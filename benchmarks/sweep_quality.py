@@ -1,5 +1,5 @@
 """Sweep quality check on CIFAR-10: the paper's Table 6 ablations with `xtra sweep`'s own code
-(`tune.sweep.run_sweep`), `tiny`, block size 1 vs 2 and raster vs random order, the same step
+(`tune.sweep.run_sweep`), `configs/tiny.yaml`, block size 1 vs 2 and raster vs random order, the same step
 budget for every trial, linear probe (val top-1 the metric, test top-1 beside it).
 
     .venv/bin/python benchmarks/sweep_quality.py --minutes 120          # the whole check
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             f"mlflow.tracking_uri=sqlite:///{work}/mlflow.db",
             f"probe.max_train_images={args.probe_images}", *args.sets,
         ]
-        cfg = load_config("tiny", sets)
+        cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), sets)  # 2 workers x 0.5 CPU
         ray.init(include_dashboard=False, _temp_dir=f"{work}/ray", log_to_driver=False)
         t0 = time.time()
         try:

@@ -180,6 +180,14 @@ def run_sweep(
         ray.init(logging_level="WARNING", log_to_driver=opts.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = float(ray.cluster_resources().get("CPU", 1))
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + opts.decode_cpus
+    if need > cpus + 1e-9:  # the workers would hold every CPU and starve the data stream
+        raise UserError(
+            f"a trial needs {need:g} CPUs (train.num_workers={cfg.train.num_workers} x "
+            f"train.cpus_per_worker={cfg.train.cpus_per_worker:g} + --decode-cpus "
+            f"{opts.decode_cpus:g}) but the cluster has {cpus:g}: lower train.cpus_per_worker "
+            "or train.num_workers"
+        )
     parallel = opts.max_concurrent or concurrency(cfg, cpus, opts.decode_cpus)
 
     parent_id = parent_run(uri, cfg, name, spec)
