@@ -1,4 +1,4 @@
-"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra data prepare|inspect`,
+"""The `xtra` command: `xtra pretrain`, `xtra probe`, `xtra sweep`, `xtra data prepare|inspect`,
 `xtra visualize`, `xtra export`, `xtra promote`, `xtra submit`.
 
 Each subcommand's work lives in its own module, imported only when that subcommand runs.
@@ -44,7 +44,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xtra",
-        description="XTRA pretraining on Ray: data, pretrain, probe, visualize, export, promote.",
+        description="XTRA pretraining on Ray: data, pretrain, probe, sweep, visualize, export, promote, submit.",
     )
     parser.add_argument(
         "--verbose",
@@ -163,6 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--model", required=True, help="models:/name/version (or models:/name@alias)")
     prom.add_argument("--alias", required=True, help="alias to set, e.g. champion")
     prom.set_defaults(func=_run_promote)
+    # -- sweep
+    sweep = sub.add_parser(
+        "sweep", help="ablation sweep (Table 6 axes or any config key) with Ray Tune: pretrain + probe"
+    )
+    _add_config_args(sweep)
+    sweep.add_argument("--data", default=None, help="dataset URI with train/ and test/ splits")
+    sweep.add_argument(
+        "--axis",
+        dest="axes",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="a swept setting: block_size, blocks_ahead, loss (l2,l1), order (raster,random), "
+        "decoder_depth, decoder_width, or any section.key (e.g. train.lr=1e-3,3e-3); "
+        "repeat for a grid",
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
+    sweep.add_argument(
+        "--name", default=None, help="sweep name; the same name resumes a stopped sweep"
+    )
+    sweep.add_argument("--probe", choices=["linear", "attentive", "both"], default="linear",
+                       help="probe of each trial's encoder; the first kind is the metric")
+    sweep.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials at once (default: from the cluster's CPUs)")
+    sweep.add_argument("--decode-cpus", type=float, default=1.0,
+                       help="CPUs each trial leaves to Ray Data decoding (default 1)")
+    sweep.add_argument("--asha", action="store_true",
+                       help="stop trials early whose pretraining loss lags (ASHA)")
+    sweep.add_argument("--asha-grace-steps", type=int, default=None,
+                       help="steps before ASHA may stop a trial (default max_steps/4)")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="on resume, run failed trials again")
+    sweep.add_argument("--out", default=None, help="folder for the table/JSON/PNG")
+    sweep.set_defaults(func=_run_sweep)
     return parser
 
 
@@ -269,6 +303,24 @@ def _run_promote(args: argparse.Namespace) -> int:
 
     print(json.dumps(promote(_load(args), args.model, args.alias)), flush=True)
     return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    """Prints one line per trial event and the result table; a JSON summary line at the end."""
+    # tune -> pipelines is the layering; the CLI dispatching to tune is the one allowed upward
+    # edge, so it stays a lazy import inside this handler
+    from tune.sweep import SweepOptions, run_sweep
+
+    kinds = ("linear", "attentive") if args.probe == "both" else (args.probe,)
+    options = SweepOptions(
+        name=args.name, seeds=args.seeds, kinds=kinds, max_concurrent=args.max_concurrent,
+        decode_cpus=args.decode_cpus, asha=args.asha, asha_grace_steps=args.asha_grace_steps,
+        retry_failed=args.retry_failed, verbose=args.verbose, out_dir=args.out,
+    )
+    out = run_sweep(_load(args), args.axes, options)
+    print(json.dumps({k: out[k] for k in ("name", "experiment_path", "parent_run_id", "files",
+                                          "interrupted")}), flush=True)
+    return 130 if out["interrupted"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

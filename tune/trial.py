@@ -1,0 +1,146 @@
+"""One sweep trial: the product's pretraining with a fixed step budget, then a probe of its frozen
+encoder, reported to Ray Tune (Train V2: a function trainable that fits the TorchTrainer).
+
+Reports a trial makes (all carry `step`, so ASHA can use it as its time attribute):
+- `phase="pretrain"`: every Ray Train report, forwarded by `PretrainReport` from the Train
+  controller: step, total_steps, loss, lr.
+- `phase="probe"`: once at the end: the probe scores (`val_top1` of the first probe kind is the
+  sweep's metric, `top1` its test top-1), per kind `<kind>/val_top1|top1|top5|best_lr`, and the
+  trial's MLflow run id.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipelines.pretrain.driver import run_pretraining
+from pipelines.probe.driver import probe
+from pipelines.tracking import runs as tracking
+from tune.space import SEED_KEYS
+from xtra_core.config import XTRAConfig, build_config, config_from_dict
+
+logger = logging.getLogger("xtra.sweep")
+
+PRETRAIN_KEYS = ("step", "total_steps", "loss", "lr", "images_per_s")
+
+
+@dataclass
+class SweepSpec:
+    """What every trial of a sweep shares (sent once to the trial actors)."""
+
+    name: str
+    base: dict[str, Any]  # XTRAConfig.to_dict() of the base config
+    axis_names: dict[str, str]  # config key -> the name the user gave (block_size, train.lr)
+    kinds: list[str] = field(default_factory=lambda: ["linear"])
+    parent_run_id: str | None = None
+    tracking_uri: str = ""
+
+
+class PretrainReport(TuneReportCallback):
+    """On the Ray Train controller: forward rank 0's (rank-averaged) metrics to the Tune trial.
+
+    Ray's TuneReportCallback carries them over an inter-actor queue to the trial, which reports
+    them with `ray.tune.report`; this keeps only the curve (no checkpoint path: the trial keeps
+    no Tune checkpoint, its pretraining run resumes from its own Ray Train checkpoints)."""
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = metrics[0]
+        self._training_actor_item_queue.put(
+            {"phase": "pretrain", **{k: m[k] for k in PRETRAIN_KEYS if k in m}}
+        )
+
+
+def run_name_of(spec: SweepSpec, config: dict[str, Any]) -> str:
+    """`<sweep>-block_size2-orderraster-seed0`: stable across a resume, readable in MLflow."""
+    parts = [f"{spec.axis_names.get(k, k)}{v}" for k, v in config.items() if k != "seed"]
+    parts.append(f"seed{config['seed']}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{spec.name}-" + "-".join(parts))
+
+
+def trial_config(spec: SweepSpec, config: dict[str, Any]) -> XTRAConfig:
+    """The trial's config: the base, the grid point's values, the seed and the run name."""
+    point = {k: v for k, v in config.items() if k != "seed"}
+    dotted = {**point, **{k: config["seed"] for k in SEED_KEYS}, "train.run_name": run_name_of(spec, config)}
+    return build_config(config_from_dict(spec.base), None, dotted)
+
+
+def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function trainable: pretrain (nested MLflow run) -> probe -> report."""
+    from ray import tune
+
+    cfg = trial_config(spec, config)
+    out = finished_pretraining(spec, cfg) or run_pretraining(
+        cfg, callbacks=[PretrainReport()], parent_run_id=spec.parent_run_id, register=False
+    )
+    run_id = out["run_id"]
+    if "export_dir" not in out:  # train.stop_at_step ended it early: nothing to probe
+        raise RuntimeError(f"trial {cfg.train.run_name} stopped at step {out['step']} before the end "
+                           "of its schedule; remove train.stop_at_step from a sweep")
+    try:
+        records = probe(cfg, out["export_dir"], spec.kinds)
+        scores = log_probe_scores(spec, run_id, config, records)
+    except BaseException:
+        if run_id:
+            tracking.finish_run(spec.tracking_uri, run_id, "FAILED")
+        raise
+    if run_id:
+        tracking.finish_run(spec.tracking_uri, run_id, "FINISHED")
+    last = out.get("metrics") or {}
+    tune.report({"phase": "probe", "step": out["step"], "total_steps": out["step"],
+                 "loss": last.get("loss"), "run_id": run_id or "", "run_name": cfg.train.run_name,
+                 **scores})
+
+
+def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | None:
+    """A trial whose pretraining ended before the sweep was stopped (it was probing): its MLflow
+    run and exported encoder, so a resumed sweep probes it again instead of retraining."""
+    import mlflow
+
+    client = mlflow.MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], max_results=1,
+                               filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.train.run_name}'")
+    if not found or not any(a.path == "encoder" for a in client.list_artifacts(found[0].info.run_id)):
+        return None
+    run = found[0]
+    export_dir = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="encoder", tracking_uri=spec.tracking_uri)
+    logger.info("%s: pretraining already finished; probing its encoder", cfg.train.run_name)
+    curve = client.get_metric_history(run.info.run_id, "loss")
+    return {"run_id": run.info.run_id, "export_dir": export_dir,
+            "step": max((m.step for m in curve), default=0),
+            "metrics": {"loss": run.data.metrics.get("loss")}}
+
+
+def log_probe_scores(
+    spec: SweepSpec, run_id: str | None, config: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Probe scores as metrics on the trial's nested MLflow run; returns the flat score dict."""
+    scores: dict[str, float] = {}
+    for i, r in enumerate(records):
+        for key in ("val_top1", "top1", "top5", "best_lr"):
+            if r.get(key) is not None:
+                scores[f"{r['kind']}/{key}"] = float(r[key])
+                if i == 0 and key in ("val_top1", "top1"):
+                    scores[key] = float(r[key])  # the sweep's metric: the first probe kind
+    if run_id:
+        import time
+
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        client = MlflowClient(spec.tracking_uri)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"probe/{k}", v, now, 0) for k, v in scores.items()
+                                          if "/" in k])
+        client.set_tag(run_id, "xtra.sweep", spec.name)
+        for k, v in config.items():
+            client.set_tag(run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))
+    return scores
