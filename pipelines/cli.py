@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pipelines.errors import UserError
+from pipelines.redaction import redact
 from xtra_core.config import ConfigError
 
 
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:
-        print(f"xtra: error: {e}", file=sys.stderr)
+        print(f"xtra: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

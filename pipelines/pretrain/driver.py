@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.api.config import LoggingConfig
 
+from pipelines.config_validation import validate_values
 from pipelines.data.images import normalize
 from pipelines.data.stream import bad_file_counter
 from pipelines.errors import UserError
@@ -337,6 +338,7 @@ def run_pretraining(
     `register=False`: the encoder is exported and logged to the run, not registered."""
     if not cfg.data.uri:
         raise UserError("no dataset: give --data <uri> (or data.uri in the config)")
+    validate_values(cfg)  # types and ranges (pydantic), before any compute
     run_name = cfg.train.run_name or f"xtra-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.train.run_name = run_name
     storage = cfg.train.storage_path or str(Path("~/xtra_runs").expanduser())

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.redaction import redact
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.export import CONFIG, load_model_config
 from xtra_core.export import load_encoder as load_export
@@ -39,15 +40,29 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any compute, if the tracking store cannot be reached."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as r:
                 if r.status != 200:
-                    raise UserError(f"MLflow tracking server {uri} answered HTTP {r.status}")
+                    raise UserError(f"MLflow tracking server {redact(uri)} answered HTTP {r.status}")
         except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"MLflow tracking server {uri} cannot be reached: {e}") from None
+            raise UserError(f"MLflow tracking server {redact(uri)} cannot be reached: {redact(str(e))}") from None
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///") :]).parent
         if not parent.is_dir():
-            raise UserError(f"MLflow tracking URI {uri}: directory {parent} does not exist")
+            raise UserError(f"MLflow tracking URI {redact(uri)}: directory {parent} does not exist")
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health; `user:pass@` in the URI becomes a basic-auth header (as MLflow sends it)."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    netloc = parts.netloc.rpartition("@")[2]
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        req.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    return req
 
 
 def _pyfunc_class() -> type:
@@ -122,7 +137,7 @@ def resolve_model(ref: str) -> tuple[Path, dict[str, Any]]:
             mv = client.get_model_version(name, version)
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}")
     except MlflowException as e:
-        raise UserError(f"model {ref!r} not found in the registry at {mlflow.get_tracking_uri()}: {e.message}") from None
+        raise UserError(f"model {ref!r} not found in the registry at {redact(mlflow.get_tracking_uri())}: {redact(e.message)}") from None
     info = {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": ref}
     return _find_export(Path(local)), info
 
