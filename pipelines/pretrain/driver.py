@@ -392,6 +392,7 @@ def run_pretraining(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
+        dataset_config=stream.rank_split(plan.start_step, plan.stop_step - plan.start_step, bad_files),
     )
     try:
         result = trainer.fit()

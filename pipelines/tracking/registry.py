@@ -145,9 +145,19 @@ def resolve_model(ref: str) -> tuple[Path, dict[str, Any]]:
 def load_encoder(ref: str) -> Encoder:
     """One call: the frozen encoder (eval mode) from a registry URI or a local export dir."""
     export_dir, _ = resolve_model(ref)
-    return load_export(export_dir)
+    return _load_weights(export_dir)
 
 
 def load_encoder_with_info(ref: str) -> tuple[Encoder, ModelConfig, dict[str, Any]]:
     export_dir, info = resolve_model(ref)
-    return load_export(export_dir), load_model_config(export_dir), info
+    return _load_weights(export_dir), load_model_config(export_dir), info
+
+
+def _load_weights(export_dir: Path) -> Encoder:
+    """The export's safetensors weights (never a pickle): a file that is not one is refused."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_export(export_dir)
+    except SafetensorError as e:
+        raise UserError(f"{export_dir}: the encoder weights are not a safetensors file ({e}); not loaded") from None

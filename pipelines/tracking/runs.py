@@ -130,16 +130,23 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED", attempts: int = 
     apart); if MLflow stays down the status waits in the backlog file. True if it was set."""
     backlog = _backlog(run_id)
     backlog.set_status(status)
-    for i in range(attempts):
-        if _flush(uri, run_id, backlog, set_status=True, quiet=i < attempts - 1):
-            return True
-        if i < attempts - 1:
-            time.sleep(2.0 * 2**i)
+    if _flush_patiently(uri, run_id, backlog, attempts):
+        return True
     logger.warning(
         "xtra: MLflow at %s is unreachable: run %s stays %s there until the next resume sends "
         "its final status %s and %d buffered metrics (kept in %s)",
         redact(uri), run_id, "RUNNING", status, len(backlog.metrics), backlog.path,
     )
+    return False
+
+
+def _flush_patiently(uri: str, run_id: str, backlog: _Backlog, attempts: int) -> bool:
+    """`attempts` tries, 2 s, 4 s, ... apart: the end of a run may wait a little for MLflow."""
+    for i in range(attempts):
+        if _flush(uri, run_id, backlog, set_status=True, quiet=i < attempts - 1):
+            return True
+        if i < attempts - 1:
+            time.sleep(2.0 * 2**i)
     return False
 
 
@@ -254,12 +261,13 @@ def _backlog(run_id: str) -> _Backlog:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
 
 
 def log_encoder_files(uri: str, run_id: str | None, export_dir: str | os.PathLike) -> None:
     """The encoder export (safetensors + config) as plain artifacts `encoder/` of the run."""
     if run_id:
+        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)  # steps an outage held back
         _client(uri).log_artifacts(run_id, str(export_dir), artifact_path="encoder")
 
 
@@ -267,6 +275,8 @@ def register_encoder(uri: str, run_id: str | None, export_dir: str | os.PathLike
     """Log the encoder export to the run and register it; returns name / version / model_uri."""
     import mlflow
 
+    if run_id:
+        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)  # steps an outage held back
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = log_and_register_encoder(export_dir, name)
