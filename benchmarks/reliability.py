@@ -2,7 +2,7 @@
 MLflow server, S3 server) and prints one row per fault with the figure each test measured.
 
     python -m benchmarks.reliability            # all fault tests (~20-40 min on 2 shared cores)
-    python -m benchmarks.reliability -k sigkill  # a subset (pytest -k expression)
+    python -m benchmarks.reliability -k sigkill  # a subset (pytest -k); other rows keep their last figures
 
 Each test appends its figures to a JSON-lines file (`XTRA_RELIABILITY_FIGURES`); this script runs
 pytest with that file set, then prints the table (markdown, pasted into the README's "Reliability
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, markdown_table, write_result
+from benchmarks.common import RESULTS, machine, markdown_table, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_ENV = "XTRA_RELIABILITY_FIGURES"  # the name tests/reliability/conftest.py reads
@@ -61,6 +61,19 @@ def table(figures: list[dict]) -> str:
     return markdown_table(["fault", "result"], rows)
 
 
+def previous_figures() -> list[dict]:
+    path = RESULTS / "reliability.json"
+    return json.loads(path.read_text())["figures"] if path.exists() else []
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Figures in table order: a test measured now replaces its earlier row."""
+    by_test = {rec["test"]: rec for rec in old}
+    by_test.update({rec["test"]: rec for rec in new})
+    order = {name: i for i, name in enumerate(ROWS)}
+    return sorted(by_test.values(), key=lambda rec: order.get(rec["test"], len(order)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default=None, help="pytest -k expression (default: every fault test)")
@@ -74,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         code = subprocess.call(cmd, cwd=REPO, env={**os.environ, FIGURES_ENV: str(path)})
         figures = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # with -k (a subset) the other tests' figures stay as the last run left them
+    figures = merge(previous_figures() if args.k else [], figures)
     print()
     print(table(figures))
-    out = {"machine": machine(), "pytest_exit_code": code, "wall_s": round(time.time() - t0, 1),
-           "figures": figures, "table": table(figures)}
+    out = {"machine": machine(), "pytest_exit_code": code, "pytest_k": args.k,
+           "wall_s": round(time.time() - t0, 1), "figures": figures, "table": table(figures)}
     print(f"\nwrote {write_result('reliability', out)} (pytest exit code {code})")
     return code
 

@@ -267,18 +267,18 @@ def _first_line(e: BaseException) -> str:
 def log_encoder_files(uri: str, run_id: str | None, export_dir: str | os.PathLike) -> None:
     """The encoder export (safetensors + config) as plain artifacts `encoder/` of the run."""
     if run_id:
-        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)  # steps an outage held back
         _client(uri).log_artifacts(run_id, str(export_dir), artifact_path="encoder")
+        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)  # steps an outage held back
 
 
 def register_encoder(uri: str, run_id: str | None, export_dir: str | os.PathLike, name: str) -> dict[str, Any]:
     """Log the encoder export to the run and register it; returns name / version / model_uri."""
     import mlflow
 
-    if run_id:
-        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)  # steps an outage held back
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # MLflow's own retries: the run's end may wait for it
         info = log_and_register_encoder(export_dir, name)
     _client(uri).set_model_version_tag(name, info["version"], "xtra.run_id", str(run_id))
+    if run_id:  # MLflow answers again: send the steps an outage held back
+        _flush_patiently(uri, run_id, _backlog(run_id), attempts=3)
     return info

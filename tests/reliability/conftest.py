@@ -136,3 +136,8 @@ def fmnist(tmp_path_factory) -> str:
     dest = tmp_path_factory.mktemp("fmnist")
     assert cli_main(["data", "prepare", "--source", "fashion-mnist", "--dest", str(dest), "--limit", "64"]) == 0
     return str(dest)
+
+
+def own_ray_env() -> dict[str, str]:
+    """The environment for a CLI subprocess that starts its own Ray (no RAY_ADDRESS)."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from pipelines.pretrain import driver as pretrain
-from tests.reliability.conftest import make_cfg, record_figure, small_sets
+from tests.reliability.conftest import make_cfg, own_ray_env, record_figure, small_sets
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def _kill_tree(proc: subprocess.Popen, ray_tmp: Path) -> None:
 
 def test_crash_during_checkpoint_upload_then_rerun_resumes_from_last_complete(fmnist, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="xc", dir="/tmp"))
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "",
+    env = {**own_ray_env(), "RAY_TMPDIR": str(ray_tmp),
            "XTRA_TRACKING_BACKLOG_DIR": str(tmp_path / "backlog")}
     sets = small_sets(tmp_path, fmnist, "crash", **{"train.max_steps": 9, "train.checkpoint_every": 3})
     run_dir = tmp_path / "runs" / "crash"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.reliability.conftest import record_figure, small_sets
+from tests.reliability.conftest import own_ray_env, record_figure, small_sets
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def test_no_planted_secret_in_logs_store_artifacts_or_checkpoints(fmnist, mlflow
         section, name = key.split(".", 1)
         nested.setdefault(section, {})[name] = value
     config.write_text(yaml.safe_dump(nested))
-    env = {**os.environ, **ENV_SECRETS, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "",
+    env = {**own_ray_env(), **ENV_SECRETS, "RAY_TMPDIR": str(ray_tmp),
            "XTRA_TRACKING_BACKLOG_DIR": str(tmp_path / "backlog")}
     logs = tmp_path / "logs"
     logs.mkdir()
