@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -61,7 +62,6 @@ class TrainStream:
             first_row=first_row,
             num_rows=num_rows + spare,
         )
-
 
     def rank_dataset(
         self,
@@ -116,7 +116,10 @@ class RankStreams(DataConfig):
         super().__init__(datasets_to_split="all")
         self.stream, self.start_step, self.num_steps, self.bad_files = stream, start_step, num_steps, bad_files
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # noqa: ANN001 (Ray's signature)
+    def configure(
+        self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any, **kwargs: Any
+    ) -> list[dict[str, Any]]:
+        """One `DataIterator` per rank, of its own stream (Ray Train calls this per worker group)."""
         out = []
         for rank in range(world_size):
             ds = self.stream.rank_dataset(rank, world_size, self.start_step, self.num_steps, self.bad_files)
