@@ -160,7 +160,7 @@ def _flush(uri: str, run_id: str, backlog: _Backlog, set_status: bool, quiet: bo
     if backlog.empty(with_status=set_status):
         return True
     try:
-        with short_mlflow_retries():
+        with short_mlflow_retries(), no_url_printing(uri):
             client = _client(uri)
             while backlog.metrics:
                 chunk = backlog.metrics[:MAX_METRICS_PER_BATCH]
@@ -198,6 +198,25 @@ def short_mlflow_retries() -> Iterator[None]:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def no_url_printing(uri: str) -> Iterator[None]:
+    """MLflow prints "View run at <tracking URI>" on stdout when a run ends: not when that URI
+    holds credentials (`user:pass@`, a token in the query)."""
+    if redact(uri) == uri:
+        yield
+        return
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 def backlog_path(run_id: str) -> Path:
@@ -276,7 +295,8 @@ def register_encoder(uri: str, run_id: str | None, export_dir: str | os.PathLike
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):  # MLflow's own retries: the run's end may wait for it
+    # MLflow's own retries: the run's end may wait for it
+    with no_url_printing(uri), mlflow.start_run(run_id=run_id):
         info = log_and_register_encoder(export_dir, name)
     _client(uri).set_model_version_tag(name, info["version"], "xtra.run_id", str(run_id))
     if run_id:  # MLflow answers again: send the steps an outage held back
