@@ -17,10 +17,12 @@ pytestmark = pytest.mark.slow
 
 ENV_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "PlantedEnvSecret1",
-    "MLFLOW_TRACKING_USERNAME": "planted-user",
     "MLFLOW_TRACKING_PASSWORD": "PlantedEnvPass2",
     "HF_TOKEN": "PlantedEnvToken3",
 }
+# a user name is not a secret (the MLflow server records who logged a run), but it makes the
+# client send the planted password
+ENV_NAMES = {"MLFLOW_TRACKING_USERNAME": "planted-user"}
 CONFIG_SECRETS = ("PlantedUriPass4", "PlantedEndpointKey5", "PlantedEndpointSecret6")
 
 
@@ -45,7 +47,7 @@ def test_no_planted_secret_in_logs_store_artifacts_or_checkpoints(fmnist, mlflow
         section, name = key.split(".", 1)
         nested.setdefault(section, {})[name] = value
     config.write_text(yaml.safe_dump(nested))
-    env = {**own_ray_env(), **ENV_SECRETS, "RAY_TMPDIR": str(ray_tmp),
+    env = {**own_ray_env(), **ENV_SECRETS, **ENV_NAMES, "RAY_TMPDIR": str(ray_tmp),
            "XTRA_TRACKING_BACKLOG_DIR": str(tmp_path / "backlog")}
     logs = tmp_path / "logs"
     logs.mkdir()

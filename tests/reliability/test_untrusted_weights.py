@@ -48,7 +48,8 @@ def test_pickle_in_place_of_the_export_weights_is_refused_by_probe(tmp_path, cap
     marker = tmp_path / "pwned"
     export, _ = _export(tmp_path)
     (export / WEIGHTS).write_bytes(_malicious_pickle(marker))
-    code = cli_main(["probe", "--model", str(export), "--data", str(tmp_path)])
+    code = cli_main(["probe", "--model", str(export), "--data", str(tmp_path),
+                     "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a safetensors file" in err and str(export) in err, err
     assert not marker.exists()
@@ -59,10 +60,19 @@ def test_pickle_in_place_of_the_export_weights_is_refused_by_probe(tmp_path, cap
 def test_registry_load_never_unpickles_the_pyfunc_wrapper(tmp_path):
     marker = tmp_path / "pwned"
     export, state = _export(tmp_path)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("untrusted")
-    with mlflow.start_run():
-        info = log_and_register_encoder(export, "enc-untrusted")
+    try:
+        client = mlflow.MlflowClient()
+        exp = client.create_experiment("untrusted", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = log_and_register_encoder(export, "enc-untrusted")
+        _swap_pickles_and_load(tmp_path, marker, info, state)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _swap_pickles_and_load(tmp_path: Path, marker: Path, info: dict, state: dict) -> None:
     pickles = list(tmp_path.rglob("python_model.pkl"))
     assert pickles, "the pyfunc wrapper was not stored where expected"
     for p in pickles:  # an attacker with write access to the artifact store swaps the pickle
