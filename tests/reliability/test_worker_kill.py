@@ -63,6 +63,13 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     kill_step = random.Random(time.time_ns()).randint(2, steps - 2)
     seen: dict[str, object] = {}
 
+    def train_workers() -> dict[int, psutil.Process]:
+        """This test's cluster's Ray Train worker processes (children of this process)."""
+        return {p.pid: p for p in psutil.Process().children(recursive=True)
+                if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker")}
+
+    stale = set(train_workers())  # the reference run's workers may still be shutting down
+
     def kill_a_worker_at_step() -> None:
         client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
         deadline = time.time() + 300
@@ -75,8 +82,8 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
             except Exception:
                 pass
             time.sleep(0.05)
-        for proc in psutil.Process().children(recursive=True):  # this test's cluster only
-            if (proc.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
+        for pid, proc in train_workers().items():  # a worker of this run, not a stale one
+            if pid not in stale:
                 proc.kill()  # SIGKILL
                 seen["pid"] = proc.pid
                 seen["after_step"] = len(client.get_metric_history(run[0].info.run_id, "loss"))
