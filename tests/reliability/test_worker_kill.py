@@ -42,6 +42,12 @@ def test_each_rank_reads_a_fixed_stream_that_a_resume_reenters_at_its_step(ray_c
     assert full[0][0][:32] != full[0][0][32:64]  # each epoch in its own order
 
 
+def _steps_redone(client, run_id: str) -> int:
+    """Steps logged twice (trained before the kill, then again after the restart)."""
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    return len(steps) - len(set(steps))
+
+
 def _loss(cfg, run_id: str) -> dict[int, float]:
     """The last logged loss of every step (a redone step is logged twice)."""
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
@@ -60,7 +66,7 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     ref_loss = _loss(make_cfg(tmp_path, fmnist, "uninterrupted", **sets), reference["run_id"])
 
     cfg = make_cfg(tmp_path, fmnist, "killed", **sets, **{"train.max_failures": 2})
-    kill_step = random.Random(time.time_ns()).randint(2, steps - 2)
+    kill_step = random.Random(time.time_ns()).randint(every, steps - 2)
     seen: dict[str, object] = {}
 
     def train_workers() -> dict[int, psutil.Process]:
@@ -71,22 +77,18 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     stale = set(train_workers())  # the reference run's workers may still be shutting down
 
     def kill_a_worker_at_step() -> None:
-        client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                run = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                                         filter_string="tags.`xtra.run_name` = 'killed'")
-                if run and len(client.get_metric_history(run[0].info.run_id, "loss")) >= kill_step:
-                    break
-            except Exception:
-                pass
+        """SIGKILL a worker once Ray has registered the checkpoint before `kill_step`, a random
+        0..checkpoint_every steps later (read from the run's storage, as a resume would)."""
+        storage = str(tmp_path / "runs")
+        deadline = time.time() + 600
+        while time.time() < deadline and pretrain.latest_checkpoint_step(storage, "killed", cfg) < every * (kill_step // every):
             time.sleep(0.05)
+        time.sleep(random.Random(kill_step).uniform(0.0, 3.0))
         for pid, proc in train_workers().items():  # a worker of this run, not a stale one
             if pid not in stale:
+                seen["after_step"] = pretrain.latest_checkpoint_step(storage, "killed", cfg)
                 proc.kill()  # SIGKILL
-                seen["pid"] = proc.pid
-                seen["after_step"] = len(client.get_metric_history(run[0].info.run_id, "loss"))
+                seen["pid"] = pid
                 return
 
     killer = threading.Thread(target=kill_a_worker_at_step, daemon=True)
@@ -99,8 +101,8 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     resumed = {int(m.value) for m in client.get_metric_history(out["run_id"], "resumed_from_step")} - {0}
     assert len(resumed) == 1, resumed
     restart = resumed.pop()
-    lost = int(seen["after_step"]) - restart
-    assert restart % every == 0 and 0 <= lost <= every, (seen, restart)
+    lost = _steps_redone(client, out["run_id"])
+    assert restart % every == 0 and restart >= int(seen["after_step"]) and lost <= every, (seen, restart, lost)
 
     loss = _loss(cfg, out["run_id"])
     assert sorted(loss) == list(range(1, steps + 1))
@@ -109,6 +111,6 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     # distinct images: a stream shifted by even one step would show (neighbouring steps differ)
     gaps = [abs(ref_loss[s + 1] - ref_loss[s]) / ref_loss[s] for s in range(restart + 1, steps)]
     assert min(gaps) > 1e-3, gaps
-    record_figure("worker_sigkill", killed_after_step=int(seen["after_step"]), resumed_from_step=restart,
+    record_figure("worker_sigkill", killed_after_step=restart + lost, resumed_from_step=restart,
                   steps_redone=lost, checkpoint_every=every,
                   steps_matching_uninterrupted=f"{steps}/{steps}")
