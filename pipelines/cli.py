@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pipelines import console
 from pipelines.errors import UserError
+from pipelines.redaction import redact
 from xtra_core.config import ConfigError
 
 
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as e:
-        print(f"xtra: error: {e}", file=sys.stderr)
+        print(f"xtra: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

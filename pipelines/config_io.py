@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.config_validation import validate_values
 from xtra_core.config import PRESETS, ConfigError, XTRAConfig, build_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -31,7 +32,7 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
     file in `configs/` (`vit_b16_in1k`). The YAML may name a `preset:` and override sections."""
     dotted = parse_set(sets)
     if config in PRESETS:
-        return build_config(config, None, dotted)
+        return validate_values(build_config(config, None, dotted))
     path = Path(config)
     if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
         path = CONFIG_DIR / f"{config}.yaml"
@@ -47,6 +48,6 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return build_config(data.get("preset", "tiny"), data, dotted)
+        return validate_values(build_config(data.get("preset", "tiny"), data, dotted))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -44,6 +44,7 @@ from ray.train.v2.api.config import LoggingConfig
 from safetensors.torch import load_file
 
 from pipelines import console
+from pipelines.config_validation import validate_values
 from pipelines.data.stream import bad_file_counter
 from pipelines.errors import UserError
 from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for callers and tests
@@ -85,6 +86,7 @@ def run_pretraining(
     `register=False`: the encoder is exported and logged to the run, not registered."""
     if not cfg.data.uri:
         raise UserError("no dataset: give --data <uri> (or data.uri in the config)")
+    validate_values(cfg)  # types and ranges (pydantic), before any compute
     run_name = cfg.train.run_name or default_run_name(f"xtra-{cfg.preset}")
     cfg.train.run_name = run_name
     storage = cfg.train.storage_path = storage_path(cfg.train.storage_path)
@@ -144,6 +146,7 @@ def run_pretraining(
             logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
         ),
         datasets={"train": dataset},
+        dataset_config=stream.rank_split(plan.start_step, plan.stop_step - plan.start_step, bad_files),
     )
     try:
         with relay.printing():

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import UserError
+from pipelines.redaction import redact
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.export import (
     CONFIG,
@@ -54,15 +55,29 @@ def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before any compute, if the tracking store cannot be reached."""
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as r:
                 if r.status != 200:
-                    raise UserError(f"MLflow tracking server {uri} answered HTTP {r.status}")
+                    raise UserError(f"MLflow tracking server {redact(uri)} answered HTTP {r.status}")
         except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"MLflow tracking server {uri} cannot be reached: {e}") from None
+            raise UserError(f"MLflow tracking server {redact(uri)} cannot be reached: {redact(str(e))}") from None
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///") :]).parent
         if not parent.is_dir():
-            raise UserError(f"MLflow tracking URI {uri}: directory {parent} does not exist")
+            raise UserError(f"MLflow tracking URI {redact(uri)}: directory {parent} does not exist")
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health; `user:pass@` in the URI becomes a basic-auth header (as MLflow sends it)."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    netloc = parts.netloc.rpartition("@")[2]
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        req.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    return req
 
 
 def model_requirements() -> list[str]:
@@ -174,7 +189,7 @@ def model_version(ref: str):  # -> mlflow.entities.model_registry.ModelVersion
             return client.get_model_version_by_alias(name, "latest")
         return client.get_model_version(name, version)
     except MlflowException as e:
-        raise UserError(f"model {ref!r} not found in the registry at {mlflow.get_tracking_uri()}: {e.message}") from None
+        raise UserError(f"model {ref!r} not found in the registry at {redact(mlflow.get_tracking_uri())}: {redact(e.message)}") from None
 
 
 def _version_info(mv: Any, ref: str) -> dict[str, Any]:
@@ -244,12 +259,12 @@ def log_full_model(uri: str, run_id: str | None, model_dir: str | Path) -> None:
 def load_encoder(ref: str) -> Encoder:
     """One call: the frozen encoder (eval mode) from a registry URI or a local export dir."""
     export_dir, _ = resolve_model(ref)
-    return load_export(export_dir)
+    return _load_weights(export_dir)
 
 
 def load_encoder_with_info(ref: str) -> tuple[Encoder, ModelConfig, dict[str, Any]]:
     export_dir, info = resolve_model(ref)
-    return load_export(export_dir), load_model_config(export_dir), info
+    return _load_weights(export_dir), load_model_config(export_dir), info
 
 
 # --------------------------------------------------------------------------- commands
@@ -299,3 +314,13 @@ def export_model(cfg: XTRAConfig, ref: str, out: str | Path, full: bool = False)
         files.append(MODEL_WEIGHTS)
     return {"out": str(out), "files": sorted(files), **{k: v for k, v in info.items() if k != "source"},
             "source": ref}
+
+
+def _load_weights(export_dir: Path) -> Encoder:
+    """The export's safetensors weights (never a pickle): a file that is not one is refused."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_export(export_dir)
+    except SafetensorError as e:
+        raise UserError(f"{export_dir}: the encoder weights are not a safetensors file ({e}); not loaded") from None

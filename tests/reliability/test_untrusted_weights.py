@@ -1,0 +1,84 @@
+"""A malicious pickle placed where the product loads weights is refused, never unpickled."""
+
+from __future__ import annotations
+
+import builtins
+import pickle
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipelines.cli import main as cli_main
+from pipelines.tracking.registry import load_encoder, log_and_register_encoder
+from tests.reliability.conftest import SMALL_MODEL, record_figure
+from xtra_core.config import build_config
+from xtra_core.export import WEIGHTS, save_encoder
+from xtra_core.model import build_model
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def _malicious_pickle(marker: Path) -> bytes:
+    blob = pickle.dumps(_Payload(marker))
+    pickle.loads(blob).close()  # the payload is live: loading it runs code
+    assert marker.exists()
+    marker.unlink()
+    return blob
+
+
+def _export(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    cfg = build_config("tiny", None, SMALL_MODEL)
+    state = build_model(cfg.model).encoder.state_dict()
+    out = tmp_path / "export"
+    save_encoder(state, cfg.model, out)
+    return out, state
+
+
+def test_pickle_in_place_of_the_export_weights_is_refused_by_probe(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    export, _ = _export(tmp_path)
+    (export / WEIGHTS).write_bytes(_malicious_pickle(marker))
+    code = cli_main(["probe", "--model", str(export), "--data", str(tmp_path),
+                     "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a safetensors file" in err and str(export) in err, err
+    assert not marker.exists()
+    record_figure("malicious_pickle_export", refused=True, code_ran=marker.exists())
+
+
+@pytest.mark.slow
+def test_registry_load_never_unpickles_the_pyfunc_wrapper(tmp_path):
+    marker = tmp_path / "pwned"
+    export, state = _export(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        client = mlflow.MlflowClient()
+        exp = client.create_experiment("untrusted", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            info = log_and_register_encoder(export, "enc-untrusted")
+        _swap_pickles_and_load(tmp_path, marker, info, state)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _swap_pickles_and_load(tmp_path: Path, marker: Path, info: dict, state: dict) -> None:
+    pickles = list(tmp_path.rglob("python_model.pkl"))
+    assert pickles, "the pyfunc wrapper was not stored where expected"
+    for p in pickles:  # an attacker with write access to the artifact store swaps the pickle
+        p.write_bytes(_malicious_pickle(marker))
+    encoder = load_encoder(info["model_uri"])
+    assert not marker.exists()  # the product read the safetensors export, not the pickle
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    record_figure("malicious_pickle_registry", refused=True, code_ran=marker.exists())
