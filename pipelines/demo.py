@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_out", help="folder for data, runs and the MLflow store")
     p.add_argument("--steps", type=int, default=300, help="pretraining optimiser steps (batch 64)")
     p.add_argument("--probe-images", type=int, default=5000, help="train images for the probes")
-    p.add_argument("--probe-epochs", type=int, default=3, help="epochs of attentive-probe training")
+    p.add_argument("--probe-epochs", type=int, default=10, help="epochs of attentive-probe training")
     return p.parse_args(argv)
 
 

@@ -78,7 +78,7 @@ def _inference(
         },
         batch_size=min(cfg.probe.batch_size, 1024),
         batch_format="numpy",
-        concurrency=(1, max(1, cpus // 2)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )

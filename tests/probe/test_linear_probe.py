@@ -107,7 +107,6 @@ def fashion_mnist(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_linear_probe_matches_converged_logistic_regression_on_fashion_mnist():
     cfg = preset("tiny")
-    torch.set_num_threads(2)
     encoder = random_encoder(cfg.model, seed=0).eval()
 
     def features(images: np.ndarray) -> np.ndarray:
@@ -119,13 +118,13 @@ def test_linear_probe_matches_converged_logistic_regression_on_fashion_mnist():
     xt, yt = fashion_mnist("test", 1000)
     f, ft = features(x), features(xt)
     feats = {"train": (f[:2000], y[:2000]), "val": (f[2000:], y[2000:]), "test": (ft, yt)}
-    probe_cfg = ProbeConfig(linear_weight_decays=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
+    probe_cfg = ProbeConfig(linear_weight_decays=(1e-3, 1e-2, 1e-1))  # sklearn is slow below
     ours = linear_probe(probe_cfg, feats, 10)
 
     # the independent reference: sklearn on the same standardised features, C chosen on val
     mean, var = standardize_stats(torch.as_tensor(f[:2000]))
     z = {k: standardize(torch.as_tensor(v[0]), mean, var).numpy() for k, v in feats.items()}
-    fits = {wd: sklearn_fit(z["train"], y[:2000], wd, tol=1e-8) for wd in probe_cfg.linear_weight_decays}
+    fits = {wd: sklearn_fit(z["train"], y[:2000], wd, tol=1e-7) for wd in probe_cfg.linear_weight_decays}
     best = max(fits, key=lambda wd: (fits[wd].score(z["val"], y[2000:]), wd))
     ref = fits[best].score(z["test"], yt)
     print(f"linear probe top-1 {ours['top1']:.4f} (wd {ours['best_weight_decay']:g}), "
