@@ -247,12 +247,24 @@ class MLflowConfig:
 
 @dataclass
 class ProbeConfig:
-    """Frozen-trunk probing (Table 2, scaled by config)."""
+    """Frozen-trunk probing (Table 2, scaled by config).
+
+    Linear probe: on cached features of the eval view; `linear_solver="lbfgs"` solves the
+    L2-regularised logistic regression to convergence for each `linear_weight_decays` value and
+    keeps the best on val; `"adamw"` is the paper's recipe (AdamW over `lrs` x `epochs`).
+    Attentive probe: AdamW over `lrs` (all learning rates trained side by side on the same
+    batches), `warmup_epochs` then cosine to `min_lr`, on augmented views (RandomResizedCrop
+    `crop_scale`/`crop_ratio` bicubic + flip + `rand_augment` + `random_erasing`).
+    Eval view (both probes): resize the shorter side to `eval_resize`, centre-crop the encoder's
+    image size (`eval_resize` None: no margin).
+    """
 
     kinds: tuple[str, ...] = ("linear", "attentive")
     epochs: int = 10
     lrs: tuple[float, ...] = (1e-4, 3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 4e-3, 8e-3)
     min_lr: float = 1e-5
+    warmup_epochs: float = 0.0  # Table 2: 10 for ImageNet-1k, 0 for the others
+    warmup_start_lr: float = 1e-4  # the reference's LinearWarmupCosineAnnealingLR start
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 3.0
@@ -260,6 +272,16 @@ class ProbeConfig:
     max_train_images: int | None = None  # a seeded subsample of train
     val_fraction: float = 0.1  # carved out of train, never the test split
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    hflip_prob: float = 0.5
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's spec; "" = none
+    random_erasing: float = 0.25  # probability of one erased box (pixel noise)
+    eval_resize: int | None = None  # shorter side before the centre crop (B: 300, H: 256)
+    linear_solver: str = "lbfgs"  # "lbfgs" (converged, wd grid) or "adamw" (the paper's LR grid)
+    linear_weight_decays: tuple[float, ...] = (
+        1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1,
+    )  # L2 strength on the mean cross-entropy, (wd / 2) * ||W||^2
+    linear_max_iter: int = 1000  # L-BFGS iterations per weight decay
     attentive_last_n: int = 6
     attentive_heads: int | None = None  # default: the encoder's heads
     seed: int = 0
@@ -267,10 +289,53 @@ class ProbeConfig:
     def validate(self) -> None:
         for k in self.kinds:
             _choice("probe.kinds", k, ("linear", "attentive"))
+        _choice("probe.linear_solver", self.linear_solver, ("lbfgs", "adamw"))
         if not self.lrs:
             raise ConfigError("probe.lrs is empty: give at least one learning rate")
+        if not self.linear_weight_decays or any(w < 0 for w in self.linear_weight_decays):
+            raise ConfigError(f"probe.linear_weight_decays={list(self.linear_weight_decays)} must "
+                              "be a non-empty list of values >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"probe.val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ConfigError(f"probe.random_erasing={self.random_erasing} must be in [0, 1]")
+        if self.rand_augment:
+            try:
+                parse_rand_augment(self.rand_augment)
+            except ValueError as e:
+                raise ConfigError(f"probe.rand_augment: {e}") from None
+
+
+def parse_rand_augment(spec: str) -> dict[str, Any]:
+    """timm's RandAugment spec `rand-m9-mstd0.5-inc1` -> keyword arguments (magnitude, num_ops,
+    magnitude_std, increasing; m defaults to 10); ValueError naming a bad section."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment spec {spec!r} must start with 'rand'")
+    kw: dict[str, Any] = {"magnitude": 10.0, "increasing": False}
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)(\d.*)", part)
+        if not m:
+            raise ValueError(f"RandAugment spec {spec!r}: cannot read section {part!r}")
+        key, val = m.groups()
+        try:
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "inc":
+                kw["increasing"] = bool(int(val))
+            else:
+                raise ValueError(f"RandAugment spec {spec!r}: unknown section {key!r} "
+                                 "(valid: m, n, mstd, inc)")
+        except ValueError as e:
+            if "unknown section" in str(e):
+                raise
+            raise ValueError(f"RandAugment spec {spec!r}: bad number in section {part!r}") from None
+    kw.setdefault("magnitude_std", 0.0)
+    return kw
 
 
 @dataclass
@@ -324,6 +389,15 @@ def tiny() -> XTRAConfig:
     )
 
 
+def table2_probe(eval_resize: int) -> ProbeConfig:
+    """Table 2's ImageNet-1k column and the reference's in1k eval configs (B and H): 100 epochs,
+    batch 4096 (1024 x 4 accumulated), 10 warmup epochs, the mean of the last 6 blocks, 16 heads."""
+    return ProbeConfig(
+        epochs=100, batch_size=4096, warmup_epochs=10.0, attentive_last_n=6, attentive_heads=16,
+        eval_resize=eval_resize,
+    )
+
+
 def vit_b16() -> XTRAConfig:
     """Table 1, ViT-B/16 on ImageNet-1K: 256 px, patch 16, 64 px blocks."""
     return XTRAConfig(
@@ -344,6 +418,7 @@ def vit_b16() -> XTRAConfig:
         train=TrainConfig(
             global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6
         ),
+        probe=table2_probe(eval_resize=300),  # the reference's eval: resize 300, centre crop 256
         preset="vit_b16",
     )
 
@@ -362,13 +437,14 @@ def vit_h14() -> XTRAConfig:
             decoder_width=640,
             decoder_depth=8,
             decoder_heads=8,
-            head_hidden=5120,
+            head_hidden=9408,  # the reference's config and checkpoint name ("proj_9408")
             drop_path=0.2,
             activation_checkpointing=True,
         ),
         train=TrainConfig(
             global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6
         ),
+        probe=table2_probe(eval_resize=256),  # the reference's eval: resize 256, centre crop 224
         preset="vit_h14",
     )
 

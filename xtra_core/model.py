@@ -203,7 +203,9 @@ class Encoder(nn.Module):
 
     def embed(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """images [B, C, H, W] -> the first `num_tokens` (default all N) tokens in block-major
-        order, [B, num_tokens, D] (pos embed permuted too)."""
+        order, [B, num_tokens, D] (pos embed permuted too). Images of another dtype are cast to
+        the weights' (fp32 images into a bf16 DeepSpeed engine)."""
+        images = images.to(self.patch_embed.weight.dtype)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D] raster
         x = x + self.pos_embed
         return x[:, self.layout.perm[:num_tokens]]
@@ -321,9 +323,14 @@ class XTRA(nn.Module):
         return self.heads[0](self.forward_features(images))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Scalar next-block reconstruction loss of normalised images [B, C, H, W]."""
+        """Scalar next-block reconstruction loss of normalised images [B, C, H, W].
+
+        The per-block targets are computed in fp32 from `images` as given, before the network's
+        cast to its weights' dtype: pass fp32 images to a bf16 model and the targets keep fp32
+        precision (the reference computes them from the fp32 batch under bf16 autocast)."""
+        target = self.targets(images.float())  # [B, K, P] fp32
         z = self.forward_features(images, drop_last_block=True)  # [B, K-1, k*k*Dd]
-        return self.forward_loss([head(z) for head in self.heads], self.targets(images))
+        return self.forward_loss([head(z).float() for head in self.heads], target)
 
     def encode(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:
         """Frozen-trunk features [B, N, D]: mean of the last `last_n` encoder blocks' outputs."""

@@ -6,11 +6,17 @@ Shapes: B batch, N tokens, D encoder width, C classes.
   Input [B, N, D] tokens or [B, D] already pooled (cached features) -> logits [B, C].
 - `AttentiveProbe`: the mean of the last `attentive_last_n` blocks' outputs [B, N, D], BatchNorm
   without affine over D, one learned query, multi-head attention pooling (keys and values are
-  linear maps of the tokens, as in AIM's `AttentionPoolingClassifier`), Linear -> logits [B, C].
+  linear maps of the tokens without bias, as AIM's `AttentionPoolingClassifier` that the reference
+  uses), Linear -> logits [B, C].
   An optional key padding mask [B, N] (True = padding) removes tokens from the pooling and from the
   BatchNorm statistics, so padded tokens change nothing.
-- `ProbeTrainer`: AdamW(betas, wd on weight matrices only), cosine from the peak LR to `min_lr`
-  over `total_steps` (no warmup, Table 2's "Others" column), gradient clipping, cross-entropy.
+- `ProbeTrainer`: AdamW(betas, wd on weight matrices only), linear warmup from `warmup_start_lr`
+  over `warmup_steps` (Table 2: 10 epochs on ImageNet-1k, none for the others), then cosine to
+  `min_lr` at `total_steps`, gradient clipping, cross-entropy.
+- `fit_logistic_regression`: the linear probe on cached features as the convex problem it is:
+  multinomial logistic regression with an L2 penalty, solved to convergence by full-batch L-BFGS
+  (strong Wolfe line search) in float64; `linear_probe_from_solution` folds the standardisation
+  and the solution into a `LinearProbe` (BatchNorm running stats = the train mean / variance).
 - `topk_correct`: top-1 / top-5 hit counts for accuracy.
 
 The encoder is never touched here: probes take its features as input.
@@ -18,7 +24,9 @@ The encoder is never touched here: probes take its features as input.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +62,7 @@ class LinearProbe(nn.Module):
 class AttentiveProbe(nn.Module):
     """Attention pooling with one learned query over BatchNorm'd tokens, then Linear.
 
-    query: [1, 1, D]; k, v: Linear(D, D); `heads` heads of width D / heads; no output projection
+    query: [1, 1, D]; k, v: Linear(D, D) without bias; `heads` heads of width D / heads; no output projection
     (AIM's design); the pooled vector [B, D] goes to Linear(D, C).
     """
 
@@ -65,13 +73,12 @@ class AttentiveProbe(nn.Module):
         self.heads = heads
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
         self.linear = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.query, std=0.02)
         for lin in (self.k, self.v):
             nn.init.trunc_normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
@@ -128,24 +135,42 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] =
     return {k: int(hit[:, :k].any(1).sum()) for k in ks}
 
 
-class ProbeTrainer:
-    """Table 2 scaled by `ProbeConfig`: AdamW, cosine to `min_lr`, clip, cross-entropy.
+def probe_lr(
+    step: int, total_steps: int, warmup_steps: int, warmup_start_lr: float, peak_lr: float,
+    min_lr: float,
+) -> float:
+    """LR at optimiser step `step` (0-based): linear from min(warmup_start_lr, peak) to `peak_lr`
+    over `warmup_steps`, then cosine to `min_lr` at `total_steps` (the reference's
+    LinearWarmupCosineAnnealingLR)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        start = min(warmup_start_lr, peak_lr)
+        return start + (peak_lr - start) * step / warmup_steps
+    return warmup_cosine_lr(step - warmup_steps, total_steps - warmup_steps, 0, peak_lr, min_lr)
 
-    `step(features, labels)` does one optimiser step; `total_steps` fixes the cosine's length.
+
+class ProbeTrainer:
+    """Table 2 scaled by `ProbeConfig`: AdamW, warmup + cosine to `min_lr`, clip, cross-entropy.
+
+    `step(features, labels)` does one optimiser step; `total_steps` fixes the cosine's length,
+    `warmup_steps` the linear warmup's.
     """
 
-    def __init__(self, probe: nn.Module, cfg: ProbeConfig, lr: float, total_steps: int) -> None:
+    def __init__(
+        self, probe: nn.Module, cfg: ProbeConfig, lr: float, total_steps: int,
+        warmup_steps: int = 0, weight_decay: float | None = None,
+    ) -> None:
         self.probe = probe
         self.cfg = cfg
         self.peak_lr = lr
         self.total_steps = max(1, total_steps)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(probe, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas)
-        )
+        self.warmup_steps = min(max(0, warmup_steps), self.total_steps - 1)
+        wd = cfg.weight_decay if weight_decay is None else weight_decay
+        self.optimizer = torch.optim.AdamW(param_groups(probe, wd), lr=lr, betas=tuple(cfg.betas))
         self.steps = 0
 
     def lr_at(self, step: int) -> float:
-        return warmup_cosine_lr(step, self.total_steps, 0, self.peak_lr, self.cfg.min_lr)
+        return probe_lr(step, self.total_steps, self.warmup_steps, self.cfg.warmup_start_lr,
+                        self.peak_lr, self.cfg.min_lr)
 
     def step(self, features: torch.Tensor, labels: torch.Tensor, **kw: torch.Tensor) -> float:
         """One AdamW step on a batch: features as the probe takes them, labels [B] -> loss."""
@@ -160,6 +185,155 @@ class ProbeTrainer:
         self.optimizer.step()
         self.steps += 1
         return float(loss.detach())
+
+
+class LRGrid:
+    """One probe head per peak learning rate, trained side by side on the same batches: the
+    features of a batch (the expensive frozen-encoder pass) are computed once for the whole grid.
+
+    Heads start from the same seeded init; each has its own `ProbeTrainer` (own AdamW state)."""
+
+    def __init__(
+        self, make_head: Callable[[], nn.Module], lrs: Sequence[float], cfg: ProbeConfig,
+        total_steps: int, warmup_steps: int = 0, seed: int = 0,
+        weight_decay: float | None = None,
+    ) -> None:
+        self.lrs = list(lrs)
+        self.heads: list[nn.Module] = []
+        for _ in self.lrs:
+            torch.manual_seed(seed)
+            self.heads.append(make_head())
+        self.trainers = [
+            ProbeTrainer(h, cfg, lr, total_steps, warmup_steps, weight_decay)
+            for h, lr in zip(self.heads, self.lrs)
+        ]
+
+    def to(self, device: torch.device) -> LRGrid:
+        for h in self.heads:
+            h.to(device)
+        return self
+
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        """One optimiser step of every head on the batch -> their losses."""
+        return [t.step(features, labels) for t in self.trainers]
+
+    @torch.no_grad()
+    def evaluate(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+    ) -> list[dict[str, float]]:
+        """Every head over the same batches (iterated once) -> one `evaluate` record per LR."""
+        for h in self.heads:
+            h.eval()
+        n, loss_sum = 0, [0.0] * len(self.heads)
+        hits = [{1: 0, 5: 0} for _ in self.heads]
+        for features, labels in batches:
+            for i, h in enumerate(self.heads):
+                logits = h(features)
+                loss_sum[i] += float(F.cross_entropy(logits, labels, reduction="sum"))
+                for k, c in topk_correct(logits, labels).items():
+                    hits[i][k] += c
+            n += labels.shape[0]
+        if n == 0:
+            raise ValueError("evaluate: no samples")
+        out = []
+        for i in range(len(self.heads)):
+            r = {"top1": hits[i][1] / n, "loss": loss_sum[i] / n, "n": float(n)}
+            if num_classes > 5:
+                r["top5"] = hits[i][5] / n
+            out.append(r)
+        return out
+
+
+def best_index(records: Sequence[dict[str, float]], lrs: Sequence[float]) -> int:
+    """The best val record: highest top-1, then lowest loss, then the smallest LR."""
+    def key(i: int) -> tuple[float, float, float]:
+        r = records[i]
+        top1 = r["top1"] if math.isfinite(r["top1"]) else -math.inf
+        loss = r["loss"] if math.isfinite(r["loss"]) else math.inf
+        return (top1, -loss, -lrs[i])
+
+    return max(range(len(records)), key=key)
+
+
+# --------------------------------------------------------------------------- the convex linear probe
+
+
+@dataclass
+class LogisticSolution:
+    """argmin_W,b mean CE(z W^T + b, y) + (weight_decay / 2) ||W||^2 on standardised z."""
+
+    weight: torch.Tensor  # [C, D] float64
+    bias: torch.Tensor  # [C] float64
+    weight_decay: float
+    iterations: int
+    grad_norm: float  # max-abs gradient at the solution (0 at the exact optimum)
+    loss: float
+
+
+def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train features [n, D] -> (mean [D], biased variance [D]) in float64, as BatchNorm keeps."""
+    x = x.to(torch.float64)
+    return x.mean(0), x.var(0, unbiased=False)
+
+
+def standardize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """[n, D] -> (x - mean) / sqrt(var + eps) in float64: what `LinearProbe.bn` computes in eval."""
+    return (x.to(torch.float64) - mean) / torch.sqrt(var + BN_EPS)
+
+
+def fit_logistic_regression(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    init: LogisticSolution | None = None,
+) -> LogisticSolution:
+    """Full-batch L-BFGS on standardised features z [n, D], labels y [n] (float64).
+
+    Stops when the largest gradient entry is below `tol` (or after `max_iter` iterations); `init`
+    warm-starts from a neighbouring weight decay's solution (a regularisation path)."""
+    z = z.to(torch.float64)
+    n, d = z.shape
+    w = torch.zeros(num_classes, d + 1, dtype=torch.float64)  # [C, D + 1], last column = bias
+    if init is not None:
+        w[:, :d], w[:, d] = init.weight, init.bias
+    w.requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        logits = z @ w[:, :d].T + w[:, d]  # [n, C]
+        loss = F.cross_entropy(logits, y) + 0.5 * weight_decay * w[:, :d].pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    loss = objective()
+    state = opt.state[opt._params[0]]
+    return LogisticSolution(
+        weight=w.detach()[:, :d].clone(), bias=w.detach()[:, d].clone(),
+        weight_decay=weight_decay, iterations=int(state.get("n_iter", 0)),
+        grad_norm=float(w.grad.abs().max()), loss=float(loss.detach()),
+    )
+
+
+def linear_probe_from_solution(
+    solution: LogisticSolution, mean: torch.Tensor, var: torch.Tensor
+) -> LinearProbe:
+    """A `LinearProbe` (eval mode) whose BatchNorm standardises with (mean, var) and whose Linear
+    is the solution: its logits equal the solver's on the same features."""
+    c, d = solution.weight.shape
+    probe = LinearProbe(d, c)
+    with torch.no_grad():
+        probe.bn.running_mean.copy_(mean.float())
+        probe.bn.running_var.copy_(var.float())
+        probe.linear.weight.copy_(solution.weight.float())
+        probe.linear.bias.copy_(solution.bias.float())
+    return probe.eval()
 
 
 @torch.no_grad()

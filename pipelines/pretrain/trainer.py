@@ -119,7 +119,7 @@ def resume(engine: Any, checkpoint_dir: str | None, plan: RunPlan) -> int:
 def train_step(engine: Any, images: torch.Tensor, stats: IntervalStats) -> None:
     """One micro step: forward (the block-causal next-block loss), backward, and DeepSpeed's
     step (an AdamW update on the last micro batch of an accumulation). No host sync."""
-    loss = engine(images)  # images [B, 3, H, W] in the engine's dtype -> scalar loss
+    loss = engine(images)  # fp32 images [B, 3, H, W] -> scalar loss (cast inside the model)
     engine.backward(loss)
     engine.step()
     stats.add(loss.detach(), images.shape[0])

@@ -57,13 +57,13 @@ def quiet_worker() -> None:
 
 
 def micro_batches(cfg: XTRAConfig, device: torch.device) -> Iterator[torch.Tensor]:
-    """This worker's micro batches, normalised on the device in the engine's dtype [B, 3, H, W]."""
-    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    """This worker's micro batches, normalised on the device, fp32 [B, 3, H, W]: the model casts
+    them to its weights' dtype itself, and computes the per-block targets from the fp32 pixels."""
     shard = ray.train.get_dataset_shard("train")
     for batch in shard.iter_torch_batches(
         batch_size=cfg.train.micro_batch, drop_last=True, prefetch_batches=2, device=device
     ):
-        yield normalize(batch["image"], cfg.data.mean, cfg.data.std).to(dtype)
+        yield normalize(batch["image"], cfg.data.mean, cfg.data.std)
 
 
 def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

@@ -1,0 +1,125 @@
+"""The attentive probe (Table 2 and the reference's attentive-probe configs) on augmented views.
+
+Every epoch streams fresh augmented train views (`views.train_stream`: RandomResizedCrop bicubic,
+flip, RandAugment, random erasing), runs the frozen encoder once per batch (mean of the last
+`probe.attentive_last_n` blocks, [B, N, D]) and steps one attentive head per `probe.lrs` value on
+those features (`LRGrid`: the encoder pass, the expensive part, is shared by the whole grid).
+AdamW, `probe.warmup_epochs` of linear warmup then cosine to `probe.min_lr`, clip
+`probe.grad_clip`. After each epoch all heads are scored on the val eval views; the best val top-1
+after the last epoch picks the head, which alone sees the test split.
+
+Runs in the calling process (so it works inside a Ray Tune trial: no nested Tune run); with
+`train.use_gpu` it runs as one Ray task holding a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.data.listing import Listing
+from pipelines.probe.loading import encode_images, freeze, state_checksum
+from pipelines.probe.splits import ProbeSplits
+from pipelines.probe.views import center_crop, eval_stream, train_stream
+from xtra_core.config import XTRAConfig
+from xtra_core.model import Encoder
+from xtra_core.probes import AttentiveProbe, LRGrid, best_index, evaluate
+
+logger = logging.getLogger("xtra.probe")
+
+ENCODE_CHUNK = 256  # images per frozen-encoder forward (bounds activation memory)
+
+
+def probe_heads(cfg: XTRAConfig) -> int:
+    """Attention-pooling heads: `probe.attentive_heads`, default the encoder's heads."""
+    return cfg.probe.attentive_heads or cfg.model.encoder_heads
+
+
+def _encode(encoder: Encoder, images: torch.Tensor, cfg: XTRAConfig) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> features [B, N, D], in chunks of ENCODE_CHUNK images."""
+    last_n = cfg.probe.attentive_last_n
+    parts = [encode_images(encoder, images[i : i + ENCODE_CHUNK], last_n, cfg.data.mean,
+                           cfg.data.std) for i in range(0, len(images), ENCODE_CHUNK)]
+    return torch.cat(parts)
+
+
+def _eval_batches(
+    encoder: Encoder, cfg: XTRAConfig, listing: Listing
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [B, N, D], labels [B]) of the eval views of `listing`."""
+    device = next(encoder.parameters()).device
+    size = cfg.model.image_size
+    for b in eval_stream(cfg, listing).iter_batches(batch_size=ENCODE_CHUNK, batch_format="numpy"):
+        images = torch.as_tensor(np.ascontiguousarray(center_crop(b["image"], size)))
+        yield _encode(encoder, images, cfg), torch.as_tensor(b["label"], dtype=torch.int64).to(device)
+
+
+def train_attentive(
+    cfg: XTRAConfig, splits: ProbeSplits, encoder_state: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Train the LR grid, pick on val, score on test -> the result record (no MLflow)."""
+    p = cfg.probe
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    encoder = Encoder(cfg.model)
+    encoder.load_state_dict(encoder_state)
+    freeze(encoder.to(device))
+    checksum = state_checksum(encoder)
+    dim, classes = cfg.model.encoder_width, splits.num_classes
+    steps_per_epoch = max(1, math.ceil(len(splits.train) / p.batch_size))
+    grid = LRGrid(lambda: AttentiveProbe(dim, classes, probe_heads(cfg)), p.lrs, p,
+                  p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch),
+                  seed=p.seed).to(device)
+    vals: list[dict[str, float]] = []
+    for epoch in range(p.epochs):
+        t0 = time.perf_counter()
+        losses = []
+        for b in train_stream(cfg, splits.train, epoch).iter_torch_batches(
+            batch_size=p.batch_size, device="cpu"
+        ):
+            if len(b["label"]) < 2:  # BatchNorm needs two samples
+                continue
+            feats = _encode(encoder, b["image"], cfg)  # [B, N, D]
+            losses.append(grid.step(feats, b["label"].to(device)))
+        vals = grid.evaluate(_eval_batches(encoder, cfg, splits.val), classes)
+        best = best_index(vals, grid.lrs)
+        train_loss = float(np.mean([loss[best] for loss in losses])) if losses else float("nan")
+        logger.info("attentive: epoch %d/%d: best val top-1 %.4f at lr %g (train loss %.4f, "
+                    "%.1f s)", epoch + 1, p.epochs, vals[best]["top1"], grid.lrs[best],
+                    train_loss, time.perf_counter() - t0)
+    best = best_index(vals, grid.lrs)
+    head = grid.heads[best]
+    test = evaluate(head, _eval_batches(encoder, cfg, splits.test), classes)
+    if state_checksum(encoder) != checksum:
+        raise RuntimeError("the frozen encoder's weights changed during probe training")
+    return {
+        "kind": "attentive",
+        "top1": test["top1"],
+        "top5": test.get("top5"),
+        "best_lr": grid.lrs[best],
+        "val_top1": vals[best]["top1"],
+        "val_top5": vals[best].get("top5"),
+        "val_top1_by_lr": {f"{lr:g}": v["top1"] for lr, v in zip(grid.lrs, vals)},
+        "n_train": len(splits.train),
+        "n_val": int(vals[best]["n"]),
+        "n_test": int(test["n"]),
+        "num_classes": classes,
+        "epochs": p.epochs,
+        "features": "augmented",
+    }
+
+
+def attentive_probe(cfg: XTRAConfig, splits: ProbeSplits, encoder: Encoder) -> dict[str, Any]:
+    """`train_attentive` here, or as a Ray task holding one GPU when `train.use_gpu`."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    if not cfg.train.use_gpu:
+        return train_attentive(cfg, splits, state)
+    import ray
+
+    task = ray.remote(num_gpus=1, num_cpus=1)(train_attentive)
+    return ray.get(task.remote(cfg, splits, state))

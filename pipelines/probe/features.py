@@ -1,0 +1,110 @@
+"""Cached features for the linear probe: the frozen encoder runs once over the eval views of
+train/val/test with Ray Data batch inference (`map_batches` on an actor pool holding the encoder),
+keeping the token mean of the last block, [n, D]. The convex solve then works on those arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.data.listing import Listing
+from pipelines.errors import UserError
+from pipelines.probe.loading import encode_images, freeze
+from pipelines.probe.splits import ProbeSplits
+from pipelines.probe.views import center_crop, eval_stream
+from xtra_core.config import ModelConfig, XTRAConfig
+from xtra_core.model import Encoder
+
+
+class EncoderInference:
+    """Ray Data actor: the frozen encoder over batches of eval views.
+
+    In: `image` uint8 [B, R, R, 3] (centre-cropped here to the image size), `label` [B], `path`
+    [B]. Out: `features` float32 [B, D] (the token mean of the last `last_n` blocks' mean);
+    `label` and `path` pass through. The encoder's object ref arrives wrapped in a list so Ray
+    does not resolve it early."""
+
+    def __init__(
+        self,
+        encoder_ref: list[Any],
+        model_cfg: ModelConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        last_n: int,
+        use_gpu: bool = False,
+    ) -> None:
+        import ray
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder = Encoder(model_cfg)
+        self.encoder.load_state_dict(ray.get(encoder_ref[0]))
+        freeze(self.encoder.to(self.device))
+        self.size = model_cfg.image_size
+        self.mean, self.std, self.last_n = tuple(mean), tuple(std), last_n
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.as_tensor(np.ascontiguousarray(center_crop(batch["image"], self.size)))
+        feats = encode_images(self.encoder, images, self.last_n, self.mean, self.std)  # [B, N, D]
+        return {"label": batch["label"], "path": batch["path"],
+                "features": feats.mean(1).float().cpu().numpy()}  # [B, D]
+
+
+def _inference(
+    cfg: XTRAConfig, listings: Sequence[Listing], encoder_ref: Any, last_n: int
+) -> dict[str, np.ndarray]:
+    """`EncoderInference` over the concatenated listings on an actor pool.
+
+    -> {"path": [n] object, "label": [n], "features": [n, D]}, rows in any order (bad files
+    dropped)."""
+    import pyarrow as pa
+    import ray
+
+    base = listings[0]
+    both = dataclasses.replace(base, table=pa.concat_tables([lst.table for lst in listings]))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = eval_stream(cfg, both).map_batches(
+        EncoderInference,
+        fn_constructor_kwargs={
+            "encoder_ref": [encoder_ref],
+            "model_cfg": cfg.model,
+            "mean": cfg.data.mean,
+            "std": cfg.data.std,
+            "last_n": last_n,
+            "use_gpu": cfg.train.use_gpu,
+        },
+        batch_size=min(cfg.probe.batch_size, 1024),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
+        num_cpus=1,
+        num_gpus=1 if cfg.train.use_gpu else 0,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        raise UserError(f"{base.uri}: no image could be decoded")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def rows_for(listing: Listing, out: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pick `listing`'s rows (listing order, bad files skipped) out of an inference result."""
+    from pipelines.data.storage import uri_of
+
+    index = {p: i for i, p in enumerate(out["path"].tolist())}
+    paths = [uri_of(listing.filesystem, p) for p in listing.table.column("path").to_pylist()]
+    rows = np.array([index[p] for p in paths if p in index], dtype=np.int64)
+    return out[key][rows], out["label"][rows].astype(np.int64)
+
+
+def extract_features(
+    cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One batch-inference pass: {"train"|"val"|"test": (features [n, D] float32, labels [n])}."""
+    listings = {"train": splits.train, "val": splits.val, "test": splits.test}
+    out = _inference(cfg, list(listings.values()), encoder_ref, last_n=1)
+    return {name: rows_for(lst, out, "features") for name, lst in listings.items()}

@@ -1,0 +1,128 @@
+"""The images a probe sees, streamed by Ray Data: the eval view and the attentive probe's
+augmented train view. The only place the probe calls `pipelines.data.stream.build_dataset`.
+
+- Source: each file decoded to the centred square of its shorter side, resized to
+  `probe.eval_resize` (default: the encoder's image size) by the data pipeline; train streams draw a
+  new file order per epoch (`data.seed` = `probe.seed`).
+- Eval view (`eval_stream` + `center_crop`): that square centre-cropped to the encoder's image size,
+  i.e. resize then centre crop as the reference's eval transform (B: 300 -> 256, H: 256 -> 224).
+- Augmented view (`train_stream`): on top of the source, in the Ray Data tasks (`AugmentSpec`):
+  RandomResizedCrop(`probe.crop_scale`, `probe.crop_ratio`) resized bicubically to the image size,
+  horizontal flip (`probe.hflip_prob`), RandAugment (`probe.rand_augment`) and random erasing
+  (`probe.random_erasing`): timm's `create_transform(is_training=True, ...)` of the reference's
+  attentive-probe configs. Each file's draws come from `file_rng(probe.seed + salt, epoch, path)`:
+  (seed, epoch) reproduces every view. timm crops the full image; here the crop is taken from the
+  centred square (the same for square datasets such as CIFAR-10 and Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.data.augment import RandAugment, mean_fill, random_erasing
+from pipelines.data.images import file_rng, random_resized_crop_params
+from pipelines.data.listing import Listing
+from xtra_core.config import DataConfig, XTRAConfig
+
+AUGMENT_SALT = 0xA7A7  # keeps the probe's per-file streams apart from pretraining's
+
+
+def source_size(cfg: XTRAConfig) -> int:
+    """Side of the decoded square: `probe.eval_resize`, default the encoder's image size."""
+    return cfg.probe.eval_resize or cfg.model.image_size
+
+
+def _source_data(cfg: XTRAConfig, train: bool) -> DataConfig:
+    """The data section that decodes the source square: a 'crop' of scale 1 and ratio 1 is the
+    centred square of the shorter side (the crop sampler's fallback), no flip."""
+    data = dataclasses.replace(cfg.data, seed=cfg.probe.seed)
+    if train:
+        data = dataclasses.replace(data, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
+    return data
+
+
+def _stream(cfg: XTRAConfig, listing: Listing, epoch: int, train: bool) -> Any:
+    from pipelines.data.stream import build_dataset
+
+    return build_dataset(_source_data(cfg, train), source_size(cfg), "probe", epoch, train=train,
+                         listing=listing, with_paths=True)
+
+
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B, R, R, 3] -> the centred [B, size, size, 3] (torchvision's CenterCrop offsets)."""
+    r_h, r_w = images.shape[1:3]
+    top, left = int(round((r_h - size) / 2.0)), int(round((r_w - size) / 2.0))
+    return images[:, top : top + size, left : left + size]
+
+
+def eval_stream(cfg: XTRAConfig, listing: Listing) -> Any:
+    """Eval views in listing order (bad files dropped): rows image [R, R, 3] (crop with
+    `center_crop` to the image size), label, path."""
+    return _stream(cfg, listing, 0, train=False)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the augment tasks need (picklable)."""
+
+    size: int
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip_prob: float
+    rand_augment: str
+    random_erasing: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    seed: int
+    epoch: int
+
+    @classmethod
+    def of(cls, cfg: XTRAConfig, epoch: int) -> AugmentSpec:
+        p = cfg.probe
+        return cls(cfg.model.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), p.hflip_prob,
+                   p.rand_augment, p.random_erasing, tuple(cfg.data.mean), tuple(cfg.data.std),
+                   p.seed, epoch)
+
+
+def augment_view(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec,
+                 rand_augment: RandAugment | None) -> np.ndarray:
+    """uint8 [R, R, 3] -> uint8 [S, S, 3]: crop (bicubic), flip, RandAugment, erasing, in order."""
+    h, w = image.shape[:2]
+    top, left, ch, cw = random_resized_crop_params(rng, w, h, spec.crop_scale, spec.crop_ratio)
+    img = Image.fromarray(image).resize((spec.size, spec.size), Image.Resampling.BICUBIC,
+                                        box=(left, top, left + cw, top + ch))
+    if rng.random() < spec.hflip_prob:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rand_augment is not None:
+        img = rand_augment(img, rng)
+    out = np.array(img, dtype=np.uint8)
+    if spec.random_erasing > 0:
+        out = random_erasing(out, rng, spec.random_erasing, spec.mean, spec.std)
+    return out
+
+
+def augment_batch(batch: dict[str, np.ndarray], spec: AugmentSpec) -> dict[str, np.ndarray]:
+    """Ray Data task: source squares [B, R, R, 3] -> augmented views [B, S, S, 3]."""
+    ra = RandAugment.from_spec(spec.rand_augment, mean_fill(spec.mean)) if spec.rand_augment else None
+    views = [
+        augment_view(img, file_rng(spec.seed + AUGMENT_SALT, spec.epoch, str(path)), spec, ra)
+        for img, path in zip(batch["image"], batch["path"])
+    ]
+    size = spec.size
+    return {
+        "image": np.stack(views) if views else np.zeros((0, size, size, 3), np.uint8),
+        "label": batch["label"],
+    }
+
+
+def train_stream(cfg: XTRAConfig, listing: Listing, epoch: int) -> Any:
+    """Epoch `epoch` of augmented train views in a fresh order: rows image [S, S, 3], label."""
+    return _stream(cfg, listing, epoch, train=True).map_batches(
+        augment_batch, fn_kwargs={"spec": AugmentSpec.of(cfg, epoch)}, batch_format="numpy",
+        batch_size=None,
+    )
