@@ -70,9 +70,10 @@ def concurrency(cfg: XTRAConfig, cluster_cpus: float, decode_cpus: float) -> int
 
 def _storage(cfg: XTRAConfig):
     """(pyarrow filesystem, root path) of the sweep's storage; local paths resolved."""
+    from pipelines.pretrain.plan import storage_path
     from pipelines.pretrain.stream import open_storage
 
-    storage = cfg.train.storage_path or str(Path("~/xtra_runs").expanduser())
+    storage = storage_path(cfg.train.storage_path)
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     cfg.train.storage_path = storage
@@ -180,6 +181,10 @@ def run_sweep(
         ray.init(logging_level="WARNING", log_to_driver=opts.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = float(ray.cluster_resources().get("CPU", 1))
+    if cfg.train.cpus_per_worker is None:  # unset: one trial sized to the cluster, as pretraining does
+        from pipelines.pretrain.resources import worker_cpus
+
+        cfg.train.cpus_per_worker = worker_cpus(cfg, ray.cluster_resources())
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + opts.decode_cpus
     if need > cpus + 1e-9:  # the workers would hold every CPU and starve the data stream
         raise UserError(
