@@ -79,7 +79,8 @@ class TrainStream:
         rows = num_steps * per_step
         spare = int(rows * SPARE_FRACTION) + 2 * per_step
         ds = build_dataset(
-            self.cfg,
+            self.cfg.data,
+            self.cfg.model.image_size,
             self.cfg.data.train_split,
             epoch=0,
             train=True,
