@@ -58,6 +58,8 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose()
     ctx.print_on_execution_start = verbose()
+    # "Dataset ... execution finished in ..." lines of datasets the driver itself runs (probes)
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose() else logging.WARNING)
 
 
 @contextlib.contextmanager

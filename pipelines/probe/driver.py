@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pipelines import console
 from pipelines.errors import UserError
 from pipelines.probe.attentive import attentive_probe, probe_heads
 from pipelines.probe.features import extract_features
@@ -68,7 +69,6 @@ def probe(
     """The whole job: load, split, probe each kind, log. Returns one result record per kind."""
     import mlflow
     import ray
-    from ray.data import DataContext
 
     from pipelines.tracking.registry import check_tracking, tracking_uri
 
@@ -80,8 +80,8 @@ def probe(
     check_probe_config(pcfg, kinds, len(encoder.blocks))
     splits = split_listings(pcfg)
     if not ray.is_initialized():
-        ray.init()
-    DataContext.get_current().enable_progress_bars = False
+        ray.init(**console.ray_init_kwargs())
+    console.quiet_ray_data()  # the probe prints its own progress lines
     logger.info("probing %s (random_init=%s): %d train, %d val, %d test images, %d classes",
                 info.get("source"), random_init, len(splits.train), len(splits.val),
                 len(splits.test), splits.num_classes)

@@ -57,7 +57,7 @@ def test_pickle_in_place_of_the_export_weights_is_refused_by_probe(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_registry_load_never_unpickles_the_pyfunc_wrapper(tmp_path):
+def test_registry_load_never_runs_the_pyfunc_wrapper(tmp_path):
     marker = tmp_path / "pwned"
     export, state = _export(tmp_path)
     previous = mlflow.get_tracking_uri()
@@ -73,12 +73,24 @@ def test_registry_load_never_unpickles_the_pyfunc_wrapper(tmp_path):
 
 
 def _swap_pickles_and_load(tmp_path: Path, marker: Path, info: dict, state: dict) -> None:
-    pickles = list(tmp_path.rglob("python_model.pkl"))
-    assert pickles, "the pyfunc wrapper was not stored where expected"
-    for p in pickles:  # an attacker with write access to the artifact store swaps the pickle
-        p.write_bytes(_malicious_pickle(marker))
+    """An attacker with write access to the artifact store replaces the pyfunc wrapper (a pickle,
+    or the code file of a models-from-code model) with code that runs on load; `load_encoder`
+    must read only the safetensors export and never run it."""
+    import yaml
+
+    wrappers = list(tmp_path.rglob("python_model.pkl"))
+    for mlmodel in tmp_path.rglob("MLmodel"):
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+        # models-from-code: the wrapper is the .py file the flavor names (no pickle at all)
+        wrappers += [mlmodel.parent / v for v in flavor.values() if isinstance(v, str) and v.endswith(".py")]
+    assert wrappers and all(p.exists() for p in wrappers), "the pyfunc wrapper was not stored where expected"
+    for p in wrappers:
+        if p.suffix == ".pkl":
+            p.write_bytes(_malicious_pickle(marker))
+        else:
+            p.write_text(f"open({str(marker)!r}, 'w').close()\n")
     encoder = load_encoder(info["model_uri"])
-    assert not marker.exists()  # the product read the safetensors export, not the pickle
+    assert not marker.exists()  # the product read the safetensors export, not the wrapper
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, state[k]), k
     record_figure("malicious_pickle_registry", refused=True, code_ran=marker.exists())
