@@ -82,7 +82,10 @@ def _swap_pickles_and_load(tmp_path: Path, marker: Path, info: dict, state: dict
     for mlmodel in tmp_path.rglob("MLmodel"):
         flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
         # models-from-code: the wrapper is the .py file the flavor names (no pickle at all)
-        wrappers += [mlmodel.parent / v for v in flavor.values() if isinstance(v, str) and v.endswith(".py")]
+        # (only the copy inside the logged model: the flavor may also name the source file's path)
+        wrappers += [mlmodel.parent / Path(v).name for v in flavor.values()
+                     if isinstance(v, str) and v.endswith(".py") and (mlmodel.parent / Path(v).name).is_file()]
+    assert all(tmp_path in p.resolve().parents for p in wrappers), wrappers
     assert wrappers and all(p.exists() for p in wrappers), "the pyfunc wrapper was not stored where expected"
     for p in wrappers:
         if p.suffix == ".pkl":
