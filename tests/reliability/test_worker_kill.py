@@ -71,8 +71,14 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
 
     def train_workers() -> dict[int, psutil.Process]:
         """This test's cluster's Ray Train worker processes (children of this process)."""
-        return {p.pid: p for p in psutil.Process().children(recursive=True)
-                if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker")}
+        out = {}
+        for p in psutil.Process().children(recursive=True):
+            try:  # a worker of the run before may be exiting (zombie) while we look
+                if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
+                    out[p.pid] = p
+            except psutil.Error:
+                continue
+        return out
 
     stale = set(train_workers())  # the reference run's workers may still be shutting down
 
