@@ -23,17 +23,11 @@ from pipelines.errors import UserError
 from pipelines.pretrain import driver as pretrain
 from pipelines.pretrain.checkpoints import load_module_states
 from pipelines.tracking.registry import load_encoder
-from xtra_core.config import build_config
+from tests.small_run import make_cfg
 from xtra_core.model import build_model
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = {
-    "model.image_size": 16, "model.patch_size": 4, "model.block_size": 2,
-    "model.encoder_width": 64, "model.encoder_depth": 2, "model.encoder_heads": 2,
-    "model.projection_hidden": 128, "model.decoder_width": 64, "model.decoder_depth": 1,
-    "model.decoder_heads": 2, "model.head_hidden": 128,
-}
 
 
 @pytest.fixture(scope="module")
@@ -59,27 +53,6 @@ def one_image(fmnist, tmp_path_factory) -> str:
 DETERMINISTIC_AUG = {"data.crop_scale": [1.0, 1.0], "data.crop_ratio": [1.0, 1.0], "data.hflip_prob": 0.0}
 
 
-def make_cfg(tmp_path: Path, data: str, name: str, **sets):
-    dotted = {
-        **SMALL_MODEL,
-        "data.uri": data,
-        "train.global_batch_size": 16,
-        "train.num_workers": 2,
-        "train.cpus_per_worker": 0.5,
-        "train.zero_stage": 2,
-        "train.max_steps": 8,
-        "train.warmup_steps": 2,
-        "train.lr": 3e-3,
-        "train.log_every": 1,
-        "train.checkpoint_every": 4,
-        "train.run_name": name,
-        "train.storage_path": str(tmp_path / "runs"),
-        "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-        "mlflow.experiment": "test",
-        "mlflow.registered_model": f"enc-{name}",
-    }
-    dotted.update(sets)
-    return build_config("tiny", None, dotted)
 
 
 def history(cfg, run_id: str, key: str) -> dict[int, float]:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipelines.cli import main as cli_main
-from tests.pretrain.test_pretrain import SMALL_MODEL
+from tests.small_run import SMALL_MODEL
 from tune.sweep import SweepOptions, run_sweep
 from xtra_core.config import build_config
 

@@ -14,16 +14,11 @@ from pipelines.pretrain import driver as pretrain
 from pipelines.visualize.command import PICTURES_ARTIFACT
 from pipelines.visualize.during_training import IMAGE_KEY, PINNED_DIR
 from pipelines.visualize.figure4 import figure4_layout
+from tests.small_run import SMALL_MODEL
 from xtra_core.config import build_config
 
 pytestmark = pytest.mark.slow
 
-SMALL_MODEL = {
-    "model.image_size": 16, "model.patch_size": 4, "model.block_size": 2,
-    "model.encoder_width": 64, "model.encoder_depth": 2, "model.encoder_heads": 2,
-    "model.projection_hidden": 128, "model.decoder_width": 64, "model.decoder_depth": 1,
-    "model.decoder_heads": 2, "model.head_hidden": 128,
-}
 
 
 @pytest.fixture(scope="module")
