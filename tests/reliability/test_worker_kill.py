@@ -60,13 +60,15 @@ def _loss(cfg, run_id: str) -> dict[int, float]:
 def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cluster, fmnist, tmp_path):
     import psutil
 
-    steps, every = 12, 3
+    steps, every = 18, 3
     sets = {"train.max_steps": steps, "train.checkpoint_every": every}
     reference = pretrain.run_pretraining(make_cfg(tmp_path, fmnist, "uninterrupted", **sets))
     ref_loss = _loss(make_cfg(tmp_path, fmnist, "uninterrupted", **sets), reference["run_id"])
 
     cfg = make_cfg(tmp_path, fmnist, "killed", **sets, **{"train.max_failures": 2})
-    kill_step = random.Random(time.time_ns()).randint(every, steps - 2)
+    # the kill lands after the checkpoint before `kill_step` and at least two checkpoint
+    # intervals before the end, so the run cannot finish before the worker dies
+    kill_step = random.Random(time.time_ns()).randint(every, steps - 2 * every - 1)
     seen: dict[str, object] = {}
 
     def train_workers() -> dict[int, psutil.Process]:
@@ -84,12 +86,12 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
 
     def kill_a_worker_at_step() -> None:
         """SIGKILL a worker once Ray has registered the checkpoint before `kill_step`, a random
-        0..checkpoint_every steps later (read from the run's storage, as a resume would)."""
+        0-0.5 s later (read from the run's storage, as a resume would)."""
         storage = str(tmp_path / "runs")
         deadline = time.time() + 600
         while time.time() < deadline and pretrain.latest_checkpoint_step(storage, "killed", cfg) < every * (kill_step // every):
             time.sleep(0.05)
-        time.sleep(random.Random(kill_step).uniform(0.0, 3.0))
+        time.sleep(random.Random(kill_step).uniform(0.0, 0.5))  # a step takes ~0.2 s here
         for pid, proc in train_workers().items():  # a worker of this run, not a stale one
             if pid not in stale:
                 seen["after_step"] = pretrain.latest_checkpoint_step(storage, "killed", cfg)
