@@ -40,6 +40,14 @@ retried tasks do not double-count them); once `min(BAD_FRACTION_MIN_SEEN, rows i
 have been seen, bad files over `data.max_bad_fraction` of them stop the stream with `TooManyBadFiles`.
 Ray Data hands the driver such an error wrapped, without its type: `stream_stop_error(counter)`
 gives the data's reason back as one `UserError` line.
+
+Idle executor. When the stream is ahead of its consumer and backpressured, Ray Data 2.60's
+scheduling loop does not block (its `ray.wait` returns at once on finished tasks whose outputs are
+held back): it spins, re-computing resource budgets hundreds of times a second, in the process that
+iterates the dataset, i.e. the training worker, where it takes the GIL from the training step
+(measured: tiny on 2 workers x 0.5 CPU trained at half speed until its stream was fully produced).
+Every dataset built here carries `IdleBackoff`, which sleeps `IDLE_BACKOFF_S` in a loop step in
+which nothing moved.
 The training loop reads `ray.get(counter.count.remote())` at every logging interval and logs the
 increase as its bad-file metric; `counter.summary.remote()` gives the paths and reasons.
 """
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +66,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipelines.data.images import BadImage, eval_transform, file_rng, open_image, train_transform
 from pipelines.data.listing import Listing, list_split
@@ -74,6 +84,40 @@ MAX_BLOCKS = 100_000  # beyond this, blocks grow instead (Ray plans one read tas
 FETCH_THREADS = 8  # concurrent reads per task (S3 GET latency), decoding stays on one core
 _ORDER_SALT = 0x0F11E5  # keeps the file-order stream apart from the per-file crop streams
 BAD_FRACTION_MIN_SEEN = 500  # images seen before data.max_bad_fraction is judged
+IDLE_BACKOFF_S = 0.05  # pause of a Ray Data loop step in which nothing moved
+
+
+class IdleBackoff(ExecutionCallback):
+    """Ray Data execution callback: a loop step in which nothing moved (no task submitted or
+    finished, no output produced, handed on or taken by the consumer) sleeps `IDLE_BACKOFF_S`
+    instead of spinning (module doc)."""
+
+    def __init__(self) -> None:
+        self.last: tuple | None = None
+
+    def on_execution_step(self, executor: Any) -> None:
+        topology = getattr(executor, "_topology", None) or {}
+        now = tuple(
+            tuple(getattr(op.metrics, k, 0) for k in _PROGRESS_METRICS) for op in topology
+        )
+        if now == self.last:
+            time.sleep(IDLE_BACKOFF_S)
+        self.last = now
+
+
+# per-operator counters of Ray Data's runtime metrics that move whenever the stream makes progress
+_PROGRESS_METRICS = (
+    "num_tasks_submitted", "num_tasks_finished", "num_task_outputs_generated",
+    "num_outputs_taken", "num_external_outqueue_blocks",
+)
+
+
+def with_idle_backoff(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds` with `IdleBackoff` among its execution callbacks (the dataset's own context)."""
+    callbacks = ds.context.custom_execution_callback_classes
+    if IdleBackoff not in callbacks:
+        ds.context.custom_execution_callback_classes = [*callbacks, IdleBackoff]
+    return ds
 
 
 class UnreadableFile(UserError):
@@ -217,12 +261,12 @@ def build_dataset(
     )
     listing_ref = ray.put((listing.table, listing.store))  # the store pickles as its settings
     blocks = max(1, min(MAX_BLOCKS, math.ceil(total / rows_per_block(image_size))))
-    return ray.data.range(total, override_num_blocks=blocks).map_batches(
+    return with_idle_backoff(ray.data.range(total, override_num_blocks=blocks).map_batches(
         _decode_batch,
         batch_format="numpy",
         batch_size=None,  # a whole block (rows_per_block ids) per call
         fn_kwargs={"listing_ref": [listing_ref], "spec": spec, "bad_files": bad_files},
-    )
+    ))
 
 
 def rows_per_block(image_size: int) -> int:

@@ -21,6 +21,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipelines.data.images import (
     BadImage,
@@ -435,6 +436,61 @@ def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
         assert np.array_equal(img, e0_again[p]["image"])  # (seed, epoch) reproduces every pixel
     assert sum(not np.array_equal(e0[p]["image"], e1[p]["image"]) for p in e0) >= 11
     assert sum(not np.array_equal(e0[p]["image"], s1[p]["image"]) for p in e0) >= 11
+
+
+def _stream_slowly(ds, rows: int, pause_s: float) -> tuple[int, float]:
+    """Iterate `ds` as a slow training step would: (rows read, seconds)."""
+    t0, n = time.perf_counter(), 0
+    for batch in ds.iter_batches(batch_size=8, batch_format="numpy"):
+        n += len(batch["image"])
+        time.sleep(pause_s)
+        if n >= rows:
+            break
+    return n, time.perf_counter() - t0
+
+
+_LOOP_STEPS: list[float] = []
+
+
+class _CountLoopSteps(ExecutionCallback):
+    def on_execution_step(self, executor) -> None:
+        _LOOP_STEPS.append(time.perf_counter())
+
+
+@pytest.mark.slow
+def test_a_stream_ahead_of_its_consumer_does_not_spin_its_scheduling_loop(
+    ray_cluster, tmp_path, monkeypatch
+) -> None:
+    """The scheduling loop runs in the consuming process (a training worker): backpressured, it
+    must wait, not spin (IdleBackoff). Ray Data's own loop, without it, is the control."""
+    from pipelines.data import stream as data_module
+    from pipelines.data.stream import IDLE_BACKOFF_S, IdleBackoff, build_dataset
+
+    for rel, content in good_dataset(n_per_class=8).items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(content)
+    cfg = XTRAConfig()
+    cfg.data.uri = str(tmp_path)
+    monkeypatch.setattr(data_module, "MIN_ROWS_PER_BLOCK", 8)  # 8-image blocks, 24 of them
+    monkeypatch.setattr(data_module, "MAX_ROWS_PER_BLOCK", 8)
+
+    def loop_steps_per_s(backoff: bool) -> float:
+        ds = build_dataset(cfg.data, SIZE, "train", 0, train=True, num_epochs=8)
+        callbacks = [c for c in ds.context.custom_execution_callback_classes if backoff or c is not IdleBackoff]
+        ds.context.custom_execution_callback_classes = [*callbacks, _CountLoopSteps]
+        # a small object-store budget: the stream gets ahead of the consumer and is held back
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(object_store_memory=64 * 2**10)
+        _LOOP_STEPS.clear()
+        n, seconds = _stream_slowly(ds, rows=96, pause_s=0.2)  # one 8-image block per 0.2 s
+        assert n == 96
+        return len(_LOOP_STEPS) / seconds
+
+    spinning = loop_steps_per_s(backoff=False)
+    waiting = loop_steps_per_s(backoff=True)
+    assert spinning > 4 / IDLE_BACKOFF_S, spinning  # the control: Ray Data's loop does spin here
+    # what is left: the steps in which the stream moved (blocks taken, tasks done) + a few idle ones
+    assert waiting < 2 / IDLE_BACKOFF_S and waiting < spinning / 5, (waiting, spinning)
 
 
 @pytest.mark.slow
