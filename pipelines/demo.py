@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_out", help="folder for data, runs and the MLflow store")
     p.add_argument("--steps", type=int, default=300, help="pretraining optimiser steps (batch 64)")
     p.add_argument("--probe-images", type=int, default=5000, help="train images for the probes")
-    p.add_argument("--probe-epochs", type=int, default=10, help="epochs of attentive-probe training")
+    p.add_argument("--probe-epochs", type=int, default=40,
+                   help="epochs of attentive-probe training (on cached features)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     return p.parse_args(argv)
 
@@ -75,15 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     model_uri = result["model_uri"]
 
     print(f"[demo] 3/3 probing {model_uri} and a random-init encoder", flush=True)
-    # linear: converged L-BFGS on cached features (seconds); attentive: Table 2's recipe
-    # (RandAugment, erasing, warmup + cosine) on augmented views streamed every epoch, its LR grid
-    # trained side by side, at a budget that trains it on CPU
+    # linear: converged L-BFGS on cached features (seconds). attentive: its LR grid side by side,
+    # warmup + cosine, on features cached once: at a CPU budget, 10 epochs of Table 2's augmented
+    # views (RandAugment, erasing) left it at 55% top-1 where the linear probe had 79%
     cfg_probe = load_config("tiny", common + [
         f"probe.max_train_images={args.probe_images}",
         f"probe.epochs={args.probe_epochs}",
         f"probe.warmup_epochs={max(1, args.probe_epochs // 10)}",
-        "probe.lrs=[0.001, 0.003, 0.01]",
+        "probe.lrs=[0.01, 0.03]",
         "probe.batch_size=128",
+        "probe.attentive_features=cached",
     ])
     trained, random = {}, {}
     for kind in ("linear", "attentive"):

@@ -254,7 +254,8 @@ class ProbeConfig:
     keeps the best on val; `"adamw"` is the paper's recipe (AdamW over `lrs` x `epochs`).
     Attentive probe: AdamW over `lrs` (all learning rates trained side by side on the same
     batches), `warmup_epochs` then cosine to `min_lr`, on augmented views (RandomResizedCrop
-    `crop_scale`/`crop_ratio` bicubic + flip + `rand_augment` + `random_erasing`).
+    `crop_scale`/`crop_ratio` bicubic + flip + `rand_augment` + `random_erasing`), or with
+    `attentive_features="cached"` on the eval views' features computed once (short budgets).
     Eval view (both probes): resize the shorter side to `eval_resize`, centre-crop the encoder's
     image size (`eval_resize` None: no margin).
     """
@@ -284,12 +285,16 @@ class ProbeConfig:
     linear_max_iter: int = 1000  # L-BFGS iterations per weight decay
     attentive_last_n: int = 6
     attentive_heads: int | None = None  # default: the encoder's heads
+    # "augmented" (Table 2: fresh augmented views every epoch) or "cached" (the eval views'
+    # features computed once, no augmentation: epochs cost only the head's steps)
+    attentive_features: str = "augmented"
     seed: int = 0
 
     def validate(self) -> None:
         for k in self.kinds:
             _choice("probe.kinds", k, ("linear", "attentive"))
         _choice("probe.linear_solver", self.linear_solver, ("lbfgs", "adamw"))
+        _choice("probe.attentive_features", self.attentive_features, ("augmented", "cached"))
         if not self.lrs:
             raise ConfigError("probe.lrs is empty: give at least one learning rate")
         if not self.linear_weight_decays or any(w < 0 for w in self.linear_weight_decays):

@@ -46,8 +46,8 @@ scheduling loop does not block (its `ray.wait` returns at once on finished tasks
 held back): it spins, re-computing resource budgets hundreds of times a second, in the process that
 iterates the dataset, i.e. the training worker, where it takes the GIL from the training step
 (measured: tiny on 2 workers x 0.5 CPU trained at half speed until its stream was fully produced).
-Every dataset built here carries `IdleBackoff`, which sleeps `IDLE_BACKOFF_S` in a loop step in
-which nothing moved.
+Every dataset built here carries `IdleBackoff`, which sleeps `IDLE_BACKOFF_S` after a loop step
+that returned at once with nothing moved; a step that waited on running tasks is not slowed.
 The training loop reads `ray.get(counter.count.remote())` at every logging interval and logs the
 increase as its bad-file metric; `counter.summary.remote()` gives the paths and reasons.
 """
@@ -88,21 +88,23 @@ IDLE_BACKOFF_S = 0.05  # pause of a Ray Data loop step in which nothing moved
 
 
 class IdleBackoff(ExecutionCallback):
-    """Ray Data execution callback: a loop step in which nothing moved (no task submitted or
-    finished, no output produced, handed on or taken by the consumer) sleeps `IDLE_BACKOFF_S`
-    instead of spinning (module doc)."""
+    """Ray Data execution callback: a loop step that came back at once (under `IDLE_BACKOFF_S`
+    since the last) and in which nothing moved (no task submitted or finished, no output
+    produced, handed on or taken by the consumer) sleeps `IDLE_BACKOFF_S` instead of spinning. A
+    step that blocked in Ray's own wait for running tasks is never slowed (module doc)."""
 
     def __init__(self) -> None:
         self.last: tuple | None = None
+        self.last_t = 0.0
 
     def on_execution_step(self, executor: Any) -> None:
         topology = getattr(executor, "_topology", None) or {}
         now = tuple(
             tuple(getattr(op.metrics, k, 0) for k in _PROGRESS_METRICS) for op in topology
         )
-        if now == self.last:
+        if now == self.last and time.perf_counter() - self.last_t < IDLE_BACKOFF_S:
             time.sleep(IDLE_BACKOFF_S)
-        self.last = now
+        self.last, self.last_t = now, time.perf_counter()
 
 
 # per-operator counters of Ray Data's runtime metrics that move whenever the stream makes progress

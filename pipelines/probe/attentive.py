@@ -1,9 +1,13 @@
-"""The attentive probe (Table 2 and the reference's attentive-probe configs) on augmented views.
+"""The attentive probe (Table 2 and the reference's attentive-probe configs).
 
-Every epoch streams fresh augmented train views (`views.train_stream`: RandomResizedCrop bicubic,
-flip, RandAugment, random erasing), runs the frozen encoder once per batch (mean of the last
-`probe.attentive_last_n` blocks, [B, N, D]) and steps one attentive head per `probe.lrs` value on
-those features (`LRGrid`: the encoder pass, the expensive part, is shared by the whole grid).
+`probe.attentive_features="augmented"` (Table 2): every epoch streams fresh augmented train views
+(`views.train_stream`: RandomResizedCrop bicubic, flip, RandAugment, random erasing), runs the
+frozen encoder once per batch (mean of the last `probe.attentive_last_n` blocks, [B, N, D]) and
+steps one attentive head per `probe.lrs` value on those features (`LRGrid`: the encoder pass, the
+expensive part, is shared by the whole grid). `"cached"`: the train split's eval views are encoded
+once and the epochs reshuffle those features (no augmentation): an epoch costs the heads' steps
+only, so a short budget (a demo, a sweep trial, a small set) can afford the steps the probe needs;
+the features are held in memory (N tokens x D floats per image).
 AdamW, `probe.warmup_epochs` of linear warmup then cosine to `probe.min_lr`, clip
 `probe.grad_clip`. After each epoch all heads are scored on the val eval views; the best val top-1
 after the last epoch picks the head, which alone sees the test split.
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,6 +64,35 @@ def _eval_batches(
         yield _encode(encoder, images, cfg), torch.as_tensor(b["label"], dtype=torch.int64).to(device)
 
 
+def _augmented_batches(
+    encoder: Encoder, cfg: XTRAConfig, listing: Listing, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [B, N, D], labels [B]) of this epoch's fresh augmented views of `listing`."""
+    for b in train_stream(cfg, listing, epoch).iter_torch_batches(
+        batch_size=cfg.probe.batch_size, device="cpu"
+    ):
+        yield _encode(encoder, b["image"], cfg), b["label"]
+
+
+def _cached_batches(
+    encoder: Encoder, cfg: XTRAConfig, listing: Listing
+) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Encode the eval views of `listing` once -> epoch -> its batches of those features, in a
+    seeded order of its own."""
+    parts = list(_eval_batches(encoder, cfg, listing))
+    feats = torch.cat([f for f, _ in parts])
+    labels = torch.cat([y for _, y in parts])
+    logger.info("attentive: cached the features of %d train images", len(labels))
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.probe.seed * 100_003 + epoch))
+        for i in range(0, len(order), cfg.probe.batch_size):
+            idx = order[i : i + cfg.probe.batch_size].to(feats.device)
+            yield feats[idx], labels[idx]
+
+    return epoch_batches
+
+
 def train_attentive(
     cfg: XTRAConfig, splits: ProbeSplits, encoder_state: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
@@ -75,17 +108,16 @@ def train_attentive(
     grid = LRGrid(lambda: AttentiveProbe(dim, classes, probe_heads(cfg)), p.lrs, p,
                   p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch),
                   seed=p.seed).to(device)
+    train_batches = (_cached_batches(encoder, cfg, splits.train) if p.attentive_features == "cached"
+                     else lambda epoch: _augmented_batches(encoder, cfg, splits.train, epoch))
     vals: list[dict[str, float]] = []
     for epoch in range(p.epochs):
         t0 = time.perf_counter()
         losses = []
-        for b in train_stream(cfg, splits.train, epoch).iter_torch_batches(
-            batch_size=p.batch_size, device="cpu"
-        ):
-            if len(b["label"]) < 2:  # BatchNorm needs two samples
+        for feats, labels in train_batches(epoch):
+            if len(labels) < 2:  # BatchNorm needs two samples
                 continue
-            feats = _encode(encoder, b["image"], cfg)  # [B, N, D]
-            losses.append(grid.step(feats, b["label"].to(device)))
+            losses.append(grid.step(feats, labels.to(device)))
         vals = grid.evaluate(_eval_batches(encoder, cfg, splits.val), classes)
         best = best_index(vals, grid.lrs)
         train_loss = float(np.mean([loss[best] for loss in losses])) if losses else float("nan")
@@ -110,7 +142,7 @@ def train_attentive(
         "n_test": int(test["n"]),
         "num_classes": classes,
         "epochs": p.epochs,
-        "features": "augmented",
+        "features": p.attentive_features,
     }
 
 
