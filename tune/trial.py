@@ -82,7 +82,7 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         raise RuntimeError(f"trial {cfg.train.run_name} stopped at step {out['step']} before the end "
                            "of its schedule; remove train.stop_at_step from a sweep")
     try:
-        records = probe(cfg, out["export_dir"], spec.kinds)
+        records = probe(cfg, out["export_dir"], spec.kinds, run_id=run_id)  # scores on the trial's run
         scores = log_probe_scores(spec, run_id, config, records)
     except BaseException:
         if run_id:
@@ -122,7 +122,8 @@ def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | N
 def log_probe_scores(
     spec: SweepSpec, run_id: str | None, config: dict[str, Any], records: list[dict[str, Any]]
 ) -> dict[str, float]:
-    """Probe scores as metrics on the trial's nested MLflow run; returns the flat score dict."""
+    """The flat score dict of the trial's probes (`probe()` logged them on the trial's nested
+    MLflow run already); tags the run with the sweep and its axis values."""
     scores: dict[str, float] = {}
     for i, r in enumerate(records):
         for key in ("val_top1", "top1", "top5", "best_lr"):
@@ -131,15 +132,9 @@ def log_probe_scores(
                 if i == 0 and key in ("val_top1", "top1"):
                     scores[key] = float(r[key])  # the sweep's metric: the first probe kind
     if run_id:
-        import time
-
         from mlflow import MlflowClient
-        from mlflow.entities import Metric
 
         client = MlflowClient(spec.tracking_uri)
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"probe/{k}", v, now, 0) for k, v in scores.items()
-                                          if "/" in k])
         client.set_tag(run_id, "xtra.sweep", spec.name)
         for k, v in config.items():
             client.set_tag(run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))

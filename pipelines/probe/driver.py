@@ -64,9 +64,12 @@ def check_probe_config(cfg: XTRAConfig, kinds: Sequence[str], depth: int) -> Non
 
 
 def probe(
-    cfg: XTRAConfig, model_ref: str | None, kinds: Sequence[str], random_init: bool = False
+    cfg: XTRAConfig, model_ref: str | None, kinds: Sequence[str], random_init: bool = False,
+    run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The whole job: load, split, probe each kind, log. Returns one result record per kind."""
+    """The whole job: load, split, probe each kind, log. Returns one result record per kind.
+    The scores go to MLflow run `run_id` if given (a sweep trial's nested run), else to the
+    model's pretraining run, else to a new run tagged with the model."""
     import mlflow
     import ray
 
@@ -105,7 +108,7 @@ def probe(
         results.append(r)
     if state_checksum(encoder) != checksum:
         raise RuntimeError("the frozen encoder's weights changed during probing")
-    run_id = log_scores(uri, cfg, info, results)
+    logged_to = log_scores(uri, cfg, {**info, "run_id": run_id} if run_id else info, results)
     for r in results:
-        r["mlflow_run_id"] = run_id
+        r["mlflow_run_id"] = logged_to
     return results

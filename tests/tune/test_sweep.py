@@ -112,6 +112,9 @@ def test_interrupted_sweep_resumes_only_the_other_trial_and_tracks_parent_and_ne
         assert sorted(set(steps)) == [2, 4], steps
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"sweep_table.md", "sweep_results.json", "sweep_plot.png"} <= artifacts
+    # the probe scores are on the trial runs only: no separate probe run per trial
+    every_run = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    assert not [r.info.run_name for r in every_run if "xtra.probe_of" in r.data.tags]
 
     # the table, JSON and PNG agree with the trials' own metrics
     local = Path(mlflow.artifacts.download_artifacts(run_id=parent, tracking_uri=uri, dst_path=str(tmp_path / "dl")))
