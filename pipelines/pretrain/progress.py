@@ -26,14 +26,14 @@ class ProgressAndTracking(UserCallback):
 
     def __init__(self, run_id: str | None, uri: str, plan: RunPlan, relay: StatusRelay) -> None:
         self.run_id, self.uri, self.plan, self.relay = run_id, uri, plan, relay
-        self.t0 = time.time()
+        self.t0 = 0.0  # the first report's time: start-up (Ray, DeepSpeed) is not a step
         self.first_step: int | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]  # rank 0's (already averaged over ranks)
         step = int(m["step"])
         if self.first_step is None:
-            self.first_step = step
+            self.first_step, self.t0 = step, time.time()
         done = step - self.first_step
         rate = done / max(1e-9, time.time() - self.t0)
         eta = (self.plan.stop_step - step) / rate if rate > 0 else float("nan")
