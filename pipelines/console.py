@@ -60,6 +60,9 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = verbose()
     # "Dataset ... execution finished in ..." lines of datasets the driver itself runs (probes)
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose() else logging.WARNING)
+    # its "Progress bars disabled. To enable, set ..." warning answers our own setting above
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.NOTSET if verbose() else logging.ERROR)
 
 
 @contextlib.contextmanager
