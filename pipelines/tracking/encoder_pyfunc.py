@@ -29,7 +29,9 @@ class XTRAEncoderModel(PythonModel):
 
         self.encoder = load_encoder(context.artifacts[EXPORT_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    # np.ndarray: MLflow infers no schema from it (the logged signature is explicit) and does not
+    # warn that the input is untyped
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:  # noqa: ANN001
         import torch
 
         last_n = int((params or {}).get("last_n", 1))

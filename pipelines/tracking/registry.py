@@ -132,7 +132,7 @@ def log_and_register_encoder(
 
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         # the signature is explicit and an input example of a real size would be megabytes of JSON
-        warnings.filterwarnings("ignore", message=".*(type hints|input_example)", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*input_example", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="encoder",
             python_model=str(PYFUNC_CODE),
