@@ -22,6 +22,14 @@ from typing import Any
 ENV = "XTRA_VERBOSE"
 
 
+def format_seconds(s: float) -> str:
+    """`1h05m`, `3m07s`, or `?` for an unknown (nan) duration."""
+    if s != s:  # nan
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def configure(verbose: bool) -> None:
     """Logging for the `xtra` command: the product's loggers at INFO on stderr; the libraries'
     chatter off unless `verbose`."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
+from pipelines.console import format_seconds
 from pipelines.pretrain.plan import RunPlan
 from pipelines.tracking import runs as tracking
 
@@ -46,14 +47,6 @@ class ProgressAndTracking(UserCallback):
         if self.run_id:
             per_rank = {f"optimizer_state_mb/rank{i}": r.get("optimizer_state_mb", 0.0) for i, r in enumerate(metrics)}
             tracking.log_step_metrics(self.uri, self.run_id, {**m, **per_rank}, step)
-
-
-def format_seconds(s: float) -> str:
-    """`1h05m`, `3m07s`, or `?` for an unknown (nan) duration."""
-    if s != s:  # nan
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class StatusRelay:

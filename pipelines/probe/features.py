@@ -5,12 +5,15 @@ keeping the token mean of the last block, [n, D]. The convex solve then works on
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipelines.console import format_seconds
 from pipelines.data.listing import Listing
 from pipelines.errors import UserError
 from pipelines.probe.loading import encode_images, freeze
@@ -18,6 +21,9 @@ from pipelines.probe.splits import ProbeSplits
 from pipelines.probe.views import center_crop, eval_stream
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.model import Encoder
+
+logger = logging.getLogger("xtra.probe")
+PROGRESS_EVERY_S = 30.0  # a status line this often while features are extracted
 
 
 class EncoderInference:
@@ -81,11 +87,20 @@ def _inference(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
+        max_restarts=0,  # a lost actor fails the probe (no restart from constructor args in the store)
     )
+    total = sum(lst.table.num_rows for lst in listings)
     parts: dict[str, list[np.ndarray]] = {}
+    done, t0, shown = 0, time.perf_counter(), time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
             parts.setdefault(k, []).append(v)
+        done += len(batch["label"])
+        if time.perf_counter() - shown >= PROGRESS_EVERY_S and done < total:
+            shown = time.perf_counter()
+            rate = done / (shown - t0)
+            logger.info("features: %d/%d images (%.0f img/s, ETA %s)", done, total, rate,
+                        format_seconds((total - done) / rate))
     if not parts:
         raise UserError(f"{base.uri}: no image could be decoded")
     return {k: np.concatenate(v) for k, v in parts.items()}
