@@ -31,13 +31,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import UserError
 from pipelines.tracking import runs as tracking
 from tune import results as tables
 from tune.space import Axis, check_grid, parse_axes
 from xtra_core.config import XTRAConfig
+
+if TYPE_CHECKING:
+    from tune.trial import SweepSpec
+
+# axes that change the pretraining objective itself: their losses are not on one scale for ASHA
+OBJECTIVE_KEYS = frozenset({"model.loss", "model.block_size", "model.blocks_ahead", "model.block_order",
+                            "model.patch_size", "model.image_size"})
 
 logger = logging.getLogger("xtra.sweep")
 
@@ -60,6 +67,11 @@ class SweepOptions:
     retry_failed: bool = False
     verbose: bool = False
     out_dir: str | None = None  # table/JSON/PNG; default the sweep's experiment folder
+
+
+def objective_axes(axes: Sequence[Axis]) -> list[str]:
+    """The names of the axes that change what the pretraining loss measures (`OBJECTIVE_KEYS`)."""
+    return [a.name for a in axes if a.key in OBJECTIVE_KEYS]
 
 
 def concurrency(cfg: XTRAConfig, cluster_cpus: float, decode_cpus: float) -> int:
@@ -206,7 +218,7 @@ def run_sweep(
     )
     storage_fs = None if fs.type_name == "local" else fs
     resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
-    print(f"[xtra] sweep {name}: {n_trials} trials ({len(points)} grid points x {len(seeds)} seeds), "
+    print(f"[xtra] sweep {name}: {n_trials} trials ({len(points)} grid points x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}), "
           f"{parallel} at a time, probe {'+'.join(opts.kinds)}"
           + (" - resuming: finished trials are kept" if resumed else "")
           + f"; MLflow parent run {parent_id}", flush=True)
@@ -218,6 +230,11 @@ def run_sweep(
         param_space: dict[str, Any] = {a.key: tune.grid_search(list(a.values)) for a in axes}
         param_space["seed"] = tune.grid_search(seeds)
         scheduler = None
+        incomparable = objective_axes(axes)
+        if opts.asha and incomparable:
+            print(f"[xtra] warning: --asha stops trials by pretraining loss, but {', '.join(incomparable)} "
+                  "change(s) what the loss measures: trials along it are not compared on one scale",
+                  flush=True)
         if opts.asha:
             from ray.tune.schedulers import ASHAScheduler
 
@@ -248,6 +265,7 @@ def run_sweep(
     summary = tables.summarize(rows, points)
     axis_names = {a.key: a.name for a in axes}
     markdown = tables.to_markdown(summary, axis_names, kind=opts.kinds[0])
+    close_stopped_runs(trial_spec, cfg.mlflow.experiment, rows)
     files = write_results(opts, cfg, name, exp_path, fs, rows, summary, axis_names, markdown, spec)
     log_to_parent(uri, parent_id, files, summary, finished=not interrupted)
     print(f"[xtra] sweep {name}: {sum(r['status'] == 'done' for r in rows)} done, "
@@ -261,6 +279,35 @@ def run_sweep(
               "to resume it", flush=True)
     return {"name": name, "experiment_path": exp_path, "parent_run_id": parent_id, "rows": rows,
             "summary": summary, "markdown": markdown, "files": files, "interrupted": interrupted}
+
+
+def close_stopped_runs(spec: SweepSpec, experiment: str, rows: list[dict[str, Any]]) -> None:
+    """The nested MLflow runs of trials the scheduler stopped (their pretraining was cut off, so
+    nothing closed them): KILLED, tagged with the sweep and axis values like the probed ones."""
+    import mlflow
+
+    from tune.trial import run_name_of
+
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    if not stopped or not spec.tracking_uri:
+        return
+    client = mlflow.MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    for r in stopped:
+        config = {**r["point"], "seed": r["seed"]}
+        found = None if exp is None else client.search_runs(
+            [exp.experiment_id], max_results=1,
+            filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name_of(spec, config)}'")
+        if not found:
+            continue
+        run = found[0]
+        r["run_id"] = run.info.run_id
+        if run.info.status == "RUNNING":
+            tracking.finish_run(spec.tracking_uri, run.info.run_id, "KILLED")
+        client.set_tag(run.info.run_id, "xtra.sweep", spec.name)
+        client.set_tag(run.info.run_id, "xtra.sweep.stopped_at_step", str(r.get("step")))
+        for k, v in config.items():
+            client.set_tag(run.info.run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))
 
 
 def unfinished_trials(exp_path: str, storage_fs) -> set[str]:

@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines import cli
 from tune import results as tables
 from tune.space import Axis, check_grid, grid, parse_axes, parse_axis
-from tune.sweep import SweepOptions, concurrency, run_sweep
+from tune.sweep import SweepOptions, concurrency, objective_axes, run_sweep
 from tune.trial import SweepSpec, run_name_of, trial_config
 from xtra_core.config import ConfigError, build_config
 
@@ -86,6 +86,12 @@ def test_concurrency_leaves_each_trial_its_workers_and_a_decode_share():
     assert concurrency(cfg, 16, 1.0) == 8
     assert concurrency(cfg, 16, 3.0) == 4
     assert concurrency(cfg, 1, 1.0) == 1  # at least one
+
+
+def test_asha_caveat_names_the_axes_that_change_what_the_loss_measures():
+    axes = parse_axes(["block_size=1,2", "train.lr=1e-3,2e-3", "loss=l2,l1", "decoder_depth=2,4"])
+    assert objective_axes(axes) == ["block_size", "loss"]
+    assert objective_axes(parse_axes(["train.lr=1e-3,2e-3", "decoder_width=96,192"])) == []
 
 
 def test_trial_config_sets_the_point_the_seed_and_a_stable_run_name():
