@@ -4,6 +4,9 @@ budget for every trial, linear probe (val top-1 the metric, test top-1 beside it
 
     .venv/bin/python benchmarks/sweep_quality.py --minutes 120          # the whole check
     .venv/bin/python benchmarks/sweep_quality.py --steps 2 --limit 200 --seeds 1   # a smoke run
+    .venv/bin/python benchmarks/sweep_quality.py --steps 300 --seeds 1 --name recipe \
+        --axis train.lr=1e-3,2e-3 --axis decoder_depth=2,4 --out benchmarks/results/recipe.json
+                                            # any other grid: the tiny recipe search
 
 `--minutes` is the budget of the whole sweep: each trial gets the same number of steps,
 minutes x 60 / trials x `--images-per-s` / global batch (minus `--probe-share` of its time for
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -62,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="images per split (a seeded subset)")
     p.add_argument("--probe-images", type=int, default=5000, help="train images for the probe")
     p.add_argument("--batch", type=int, default=128, help="global batch size")
+    p.add_argument("--axis", dest="axes", action="append", default=None, metavar="NAME=V1,V2",
+                   help=f"as `xtra sweep --axis`; default: {' '.join(AXES)}")
+    p.add_argument("--name", default="sweep-quality", help="sweep name (MLflow parent run)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
@@ -76,7 +83,8 @@ def steps_per_trial(args: argparse.Namespace, trials: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    trials = 4 * args.seeds
+    args.axes = args.axes or AXES
+    trials = args.seeds * math.prod(len(a.split("=", 1)[1].split(",")) for a in args.axes)
     steps = steps_per_trial(args, trials)
     with tempfile.TemporaryDirectory(prefix="xsq", dir="/tmp") as work:
         data = args.data
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(include_dashboard=False, _temp_dir=f"{work}/ray", log_to_driver=False)
         t0 = time.time()
         try:
-            out = run_sweep(cfg, AXES, SweepOptions(name="sweep-quality", seeds=args.seeds,
+            out = run_sweep(cfg, args.axes, SweepOptions(name=args.name, seeds=args.seeds,
                                                     out_dir=str(Path(args.out).with_suffix(""))))
         finally:
             ray.shutdown()
