@@ -151,14 +151,19 @@ class ImageSource:
     pil: Image.Image | None = None
 
     @classmethod
-    def open(cls, data: bytes, max_pixels: int) -> ImageSource:
-        """Read the header of `data`; raises BadImage (see `open_image`)."""
+    def open(cls, data: bytes, max_pixels: int, min_side: int = 1) -> ImageSource:
+        """Read the header of `data`; raises BadImage (see `open_image`, and for a side under
+        `min_side`: `data.min_image_side`)."""
         header = _fast_jpeg_header(data)
         if header is None:
             img = open_image(data, max_pixels)
-            return cls(*img.size, max_pixels, pil=img)
-        _check_size(*header, max_pixels)
-        return cls(*header, max_pixels, jpeg=data)
+            source = cls(*img.size, max_pixels, pil=img)
+        else:
+            _check_size(*header, max_pixels)
+            source = cls(*header, max_pixels, jpeg=data)
+        if min(source.width, source.height) < min_side:
+            raise BadImage(f"{source.width}x{source.height} image < data.min_image_side={min_side}")
+        return source
 
     def pixels(self, reduction: int = 1) -> np.ndarray:
         if self.jpeg is not None:
@@ -270,21 +275,24 @@ def train_transform(
     ratio: Sequence[float],
     hflip_prob: float,
     max_pixels: int,
+    min_side: int = 1,
 ) -> np.ndarray:
     """Table 1: RandomResizedCrop(scale, ratio) to `size` + horizontal flip with `hflip_prob`.
 
-    bytes -> uint8 [size, size, 3]; raises BadImage. Draws, in order: the crop, then the flip.
+    bytes -> uint8 [size, size, 3]; raises BadImage (also for a side under `min_side`, from the
+    header, before anything is drawn or decoded). Draws, in order: the crop, then the flip.
     """
-    source = ImageSource.open(data, max_pixels)
+    source = ImageSource.open(data, max_pixels, min_side)
     box = random_resized_crop_params(rng, source.width, source.height, scale, ratio)
     flip = rng.random() < hflip_prob
     out = crop_resize(source, box, size)
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 
 
-def eval_transform(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """Resize the shorter side to `size` and take the centre `size` x `size`: uint8 [size, size, 3]."""
-    source = ImageSource.open(data, max_pixels)
+def eval_transform(data: bytes, size: int, max_pixels: int, min_side: int = 1) -> np.ndarray:
+    """Resize the shorter side to `size` and take the centre `size` x `size`: uint8 [size, size, 3]
+    (BadImage for a side under `min_side`, from the header)."""
+    source = ImageSource.open(data, max_pixels, min_side)
     return crop_resize(source, center_crop_params(source.width, source.height), size)
 
 

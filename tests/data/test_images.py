@@ -223,3 +223,16 @@ def test_crop_resize_of_an_opened_pil_image_drafts_a_large_jpeg() -> None:
     assert img.size == (512, 480) and out.shape == (224, 224, 3)  # PIL's draft really reduced it
     ref = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
     assert diff(out, np.asarray(ref))[0] < 1.0
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # libjpeg-turbo's header path and PIL's
+def test_min_side_is_checked_from_the_header(fmt: str) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(40, 1)).save(buf, format=fmt)
+    data = buf.getvalue()
+    rng = np.random.default_rng(0)
+    with pytest.raises(BadImage, match=r"^40x1 image < data.min_image_side=2$"):
+        train_transform(data, rng, 32, SCALE, RATIO, 0.5, BIG, min_side=2)
+    with pytest.raises(BadImage, match=r"^40x1 image < data.min_image_side=2$"):
+        eval_transform(data, 32, BIG, min_side=2)
+    assert train_transform(data, rng, 32, SCALE, RATIO, 0.5, BIG).shape == (32, 32, 3)  # min_side=1
