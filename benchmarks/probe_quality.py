@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--kinds", nargs="+", default=["linear", "attentive"], choices=["linear", "attentive"])
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--pretrained-only", action="store_true", help="skip the random-init baseline")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args(argv)
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict]:
         "linear": (args.linear_epochs, args.linear_lrs),
         "attentive": (args.attentive_epochs, args.attentive_lrs),
     }
-    inits = [False, True] if args.model else [True]
+    inits = ([False] if args.pretrained_only else [False, True]) if args.model else [True]
     rows = []
     for random_init in inits:
         for kind in args.kinds:
