@@ -70,11 +70,11 @@ def test_resume_with_another_model_or_batch_config_is_refused_naming_the_keys():
     saved = json.loads(json.dumps(saved))  # as read back from the checkpoint's STATE_FILE
     same = cfg_with(small=True, model__compile=True, train__lr=5e-4)  # execution + optimiser: free to change
     assert check_resume_config(same, saved) == []
-    other = cfg_with(small=True, model__decoder_depth=2, train__global_batch_size=32)
+    other = cfg_with(small=True, model__decoder_depth=2, train__global_batch_size=64)
     with pytest.raises(UserError) as e:
         check_resume_config(other, saved)
     msg = str(e.value)
-    assert "model.decoder_depth=1 -> 2" in msg and "train.global_batch_size=64 -> 32" in msg
+    assert "model.decoder_depth=1 -> 2" in msg and "train.global_batch_size=128 -> 64" in msg
     assert "train.resume_mismatch_ok=true" in msg and "model.image_size" not in msg
     other.train.resume_mismatch_ok = True
     assert len(check_resume_config(other, saved)) == 2
