@@ -286,28 +286,22 @@ def close_stopped_runs(spec: SweepSpec, experiment: str, rows: list[dict[str, An
     nothing closed them): KILLED, tagged with the sweep and axis values like the probed ones."""
     import mlflow
 
-    from tune.trial import run_name_of
+    from tune.trial import find_trial_run, run_name_of, tag_trial_run
 
     stopped = [r for r in rows if r["status"] == "stopped"]
     if not stopped or not spec.tracking_uri:
         return
     client = mlflow.MlflowClient(spec.tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
     for r in stopped:
         config = {**r["point"], "seed": r["seed"]}
-        found = None if exp is None else client.search_runs(
-            [exp.experiment_id], max_results=1,
-            filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name_of(spec, config)}'")
-        if not found:
+        run = find_trial_run(client, experiment, run_name_of(spec, config))
+        if run is None:
             continue
-        run = found[0]
         r["run_id"] = run.info.run_id
         if run.info.status == "RUNNING":
             tracking.finish_run(spec.tracking_uri, run.info.run_id, "KILLED")
-        client.set_tag(run.info.run_id, "xtra.sweep", spec.name)
+        tag_trial_run(spec, client, run.info.run_id, config)
         client.set_tag(run.info.run_id, "xtra.sweep.stopped_at_step", str(r.get("step")))
-        for k, v in config.items():
-            client.set_tag(run.info.run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))
 
 
 def unfinished_trials(exp_path: str, storage_fs) -> set[str]:

@@ -102,14 +102,9 @@ def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | N
     import mlflow
 
     client = mlflow.MlflowClient(spec.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is None:
+    run = find_trial_run(client, cfg.mlflow.experiment, cfg.train.run_name)
+    if run is None or not any(a.path == "encoder" for a in client.list_artifacts(run.info.run_id)):
         return None
-    found = client.search_runs([exp.experiment_id], max_results=1,
-                               filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{cfg.train.run_name}'")
-    if not found or not any(a.path == "encoder" for a in client.list_artifacts(found[0].info.run_id)):
-        return None
-    run = found[0]
     export_dir = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="encoder", tracking_uri=spec.tracking_uri)
     logger.info("%s: pretraining already finished; probing its encoder", cfg.train.run_name)
@@ -134,8 +129,22 @@ def log_probe_scores(
     if run_id:
         from mlflow import MlflowClient
 
-        client = MlflowClient(spec.tracking_uri)
-        client.set_tag(run_id, "xtra.sweep", spec.name)
-        for k, v in config.items():
-            client.set_tag(run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))
+        tag_trial_run(spec, MlflowClient(spec.tracking_uri), run_id, config)
     return scores
+
+
+def find_trial_run(client, experiment: str, run_name: str):  # -> mlflow Run | None
+    """A trial's MLflow run, by the run-name tag its pretraining set."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], max_results=1,
+                               filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'")
+    return found[0] if found else None
+
+
+def tag_trial_run(spec: SweepSpec, client, run_id: str, config: dict[str, Any]) -> None:
+    """Tags a trial's run with its sweep and axis values (`xtra.sweep`, `xtra.sweep.<axis>`)."""
+    client.set_tag(run_id, "xtra.sweep", spec.name)
+    for k, v in config.items():
+        client.set_tag(run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))
