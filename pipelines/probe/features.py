@@ -87,7 +87,6 @@ def _inference(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus // 2)),
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
-        max_restarts=0,  # a lost actor fails the probe (no restart from constructor args in the store)
     )
     total = sum(lst.table.num_rows for lst in listings)
     parts: dict[str, list[np.ndarray]] = {}
