@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,24 @@ from xtra_core.config import PRESETS, ConfigError, XTRAConfig, build_config
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: `1e-3` and `3E+2` are numbers (YAML 1.1,
+    PyYAML's default, needs a dot and a signed exponent, so `lr: 1e-3` was the string '1e-3')."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` that reads `1e-3` as a float (configs, `--set` and `--axis` values)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """`["train.max_steps=5", "probe.lrs=[0.001,0.003]"]` -> dotted dict, values parsed as YAML."""
     out: dict[str, Any] = {}
@@ -21,7 +40,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
     return out
@@ -42,7 +61,7 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
             f"(also looked in {CONFIG_DIR})"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.config_io import load_yaml
 from xtra_core.config import ConfigError, XTRAConfig, build_config
 
 # Table 6's ablation switches -> config keys
@@ -42,11 +43,11 @@ def _parse_values(name: str, raw: str) -> tuple[Any, ...]:
     raw = raw.strip()
     try:
         if raw.startswith("["):
-            values = yaml.safe_load(raw)
+            values = load_yaml(raw)
             if not isinstance(values, list):
                 raise ConfigError(f"--axis {name}: {raw!r} is not a list")
         else:
-            values = [yaml.safe_load(v) if v.strip() else None for v in raw.split(",")]
+            values = [load_yaml(v) if v.strip() else None for v in raw.split(",")]
     except yaml.YAMLError as e:
         raise ConfigError(f"--axis {name}: values {raw!r} are not valid YAML: {e}") from None
     if not values or any(v is None for v in values):

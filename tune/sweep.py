@@ -12,7 +12,10 @@
    no CPU (only a little memory, Tune needs some resource) and concurrency is set from the cluster:
    `floor(CPUs / (train.num_workers x train.cpus_per_worker + decode CPUs))` trials at once, the
    decode share being what Ray Data needs to feed them (override with `--max-concurrent`).
-4. Optional ASHA (`--asha`) stops trials whose pretraining loss lags at equal step.
+4. Optional ASHA (`--asha`) stops trials whose pretraining loss lags at equal step; a trial that
+   reaches the end of its pretraining is probed. Tune kills a stopped trial, and its Train
+   workers' placement group would stay reserved where Ray Train cannot clean it up (no dashboard):
+   `tune.orphans.reaping` frees it while the sweep runs.
 5. A sweep is a Tune experiment `<train.storage_path>/<name>`: running the same command with the
    same `--name` again resumes it (`Tuner.restore`): finished trials are kept, not re-run;
    interrupted ones start again and their pretraining resumes from its own Ray Train checkpoint.
@@ -157,6 +160,7 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from tune.orphans import reaping
     from tune.progress import TrialEvents
     from tune.trial import SweepSpec, sweep_trial
 
@@ -240,8 +244,10 @@ def run_sweep(
 
             max_t = cfg.train.max_steps or 10**9
             grace = opts.asha_grace_steps or max(1, (cfg.train.max_steps or 100) // 4)
+            # stop_last_trials=False: a trial that reaches max_t has finished pretraining and
+            # goes on to its probe (the default stops it there, unprobed)
             scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=max_t,
-                                      grace_period=grace, reduction_factor=2)
+                                      grace_period=grace, reduction_factor=2, stop_last_trials=False)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -257,7 +263,7 @@ def run_sweep(
             ),
         )
     t0 = time.time()
-    with tune_output(opts.verbose):
+    with tune_output(opts.verbose), reaping():  # frees what stopped trials' Train runs leave
         grid = tuner.fit()
         unfinished = unfinished_trials(exp_path, storage_fs)
     interrupted = bool(unfinished)

@@ -90,10 +90,10 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         raise
     if run_id:
         tracking.finish_run(spec.tracking_uri, run_id, "FINISHED")
-    last = out.get("metrics") or {}
+    loss = (out.get("metrics") or {}).get("loss")  # ASHA reads it: absent rather than None
     tune.report({"phase": "probe", "step": out["step"], "total_steps": out["step"],
-                 "loss": last.get("loss"), "run_id": run_id or "", "run_name": cfg.train.run_name,
-                 **scores})
+                 **({"loss": loss} if loss is not None else {}), "run_id": run_id or "",
+                 "run_name": cfg.train.run_name, **scores})
 
 
 def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | None:

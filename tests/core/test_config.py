@@ -67,6 +67,17 @@ def test_parse_set_reads_yaml_values():
     assert parse_set(["a.b=[1, 2]", "a.c=true", "a.d=null", "a.e=x"]) == {
         "a.b": [1, 2], "a.c": True, "a.d": None, "a.e": "x",
     }
+    # YAML 1.2 floats (PyYAML's YAML 1.1 reads `1e-3` as a string); dates and words stay as they were
+    assert parse_set(["a.lr=1e-3", "a.x=-2E+2", "a.y=1.5e-4", "a.v=1e", "a.w=e3", "a.z=3"]) == {
+        "a.lr": 1e-3, "a.x": -200.0, "a.y": 1.5e-4, "a.v": "1e", "a.w": "e3", "a.z": 3,
+    }
+
+
+def test_a_config_file_reads_1e_minus_3_as_a_number(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntrain:\n  lr: 3e-4\n  min_lr: 1e-7\n")
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float) and cfg.train.min_lr == 1e-7
 
 
 def test_cli_reports_config_errors_in_one_line(capsys):

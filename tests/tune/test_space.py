@@ -20,7 +20,7 @@ def test_table6_axes_map_to_config_keys_and_values_parse_as_yaml():
     assert parse_axis("block_size=1,2,4") == Axis("block_size", "model.block_size", (1, 2, 4))
     assert parse_axis("order=raster,random").key == "model.block_order"
     assert parse_axis("loss=l2,l1").values == ("l2", "l1")
-    assert parse_axis("train.lr=1e-3,3e-3").values == ("1e-3", "3e-3")  # YAML 1.1: config coerces
+    assert parse_axis("train.lr=1e-3,3e-3").values == (1e-3, 3e-3)  # YAML 1.2 floats
     assert parse_axis("data.crop_scale=[[0.3,1.0],[0.5,1.0]]").values == ([0.3, 1.0], [0.5, 1.0])
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -153,3 +154,30 @@ def test_a_failing_trial_is_reported_failed_while_the_other_completes(ray_cluste
     assert 0.0 <= runs[0].data.metrics["probe/attentive/val_top1"] <= 1.0
     assert "attentive val top-1" in printed and "linear probe val top-1" in out["markdown"]
 
+
+
+def test_asha_stops_the_trial_whose_pretraining_loss_lags(ray_cluster, fmnist, tmp_path, capsys):
+    # one trial at a time: the first (a real LR) sets the rungs and, reaching max_t, is probed; the
+    # second (an LR that cannot move the weights) reaches the first rung with a higher loss and is
+    # stopped there, unprobed. Its Train workers' CPUs must come back: later tests need them.
+    import ray
+
+    cfg = build_config("tiny", None, {**sweep_sets(tmp_path), "data.uri": fmnist, "train.max_steps": 8})
+    out = run_sweep(cfg, ["train.lr=3e-3,1e-12"],
+                    SweepOptions(name="s3", max_concurrent=1, asha=True, asha_grace_steps=2))
+    printed = capsys.readouterr().out
+    rows = {r["point"]["train.lr"]: r for r in out["rows"]}
+    assert rows[3e-3]["status"] == "done" and rows[3e-3]["val_top1"] is not None, rows[3e-3]
+    assert rows[1e-12]["status"] == "stopped", rows[1e-12]
+    assert "(train.lr=1e-12 seed=0): stopped early at step" in printed
+    assert "(train.lr=1e-12 seed=0): probed" not in printed
+    assert "| 1e-12 | - | - | 0 | 0 | 1 |" in out["markdown"]
+    runs = {r.data.tags["xtra.sweep.train.lr"]: r for r in nested_runs(cfg.mlflow.tracking_uri, "s3")}
+    assert runs["0.003"].info.status == "FINISHED" and "probe/linear/val_top1" in runs["0.003"].data.metrics
+    stopped = runs["1e-12"]  # the cut-off pretraining run is closed, not left RUNNING
+    assert stopped.info.status == "KILLED" and "probe/linear/val_top1" not in stopped.data.metrics
+    assert int(stopped.data.tags["xtra.sweep.stopped_at_step"]) < 8
+    deadline = time.time() + 30  # the stopped trial's placement group is gone: every CPU is free
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0), ray.available_resources()
