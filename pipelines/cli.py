@@ -321,7 +321,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     out = run_sweep(_load(args), args.axes, options)
     print(json.dumps({k: out[k] for k in ("name", "experiment_path", "parent_run_id", "files",
                                           "interrupted")}), flush=True)
-    return 130 if out["interrupted"] else 0
+    if out["interrupted"]:
+        return 130
+    statuses = [r["status"] for r in out["rows"]]
+    return 1 if "failed" in statuses and "done" not in statuses else 0  # nothing to compare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

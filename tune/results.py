@@ -141,7 +141,10 @@ def plot(path: Path, summary: list[dict[str, Any]], axis_names: dict[str, str], 
     ax.set_ylabel("probe top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no point probed (every trial failed): no legend
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no trial was probed", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

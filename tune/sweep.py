@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.data.listing import list_split
 from pipelines.errors import UserError
 from pipelines.tracking import runs as tracking
 from tune import results as tables
@@ -93,6 +94,22 @@ def _storage(cfg: XTRAConfig):
         storage = str(Path(storage).expanduser().resolve())
     cfg.train.storage_path = storage
     return open_storage(storage, cfg)
+
+
+def prepare_paths(cfg: XTRAConfig) -> tuple[Any, str, str]:
+    """Before Ray starts. Tune runs each trial in its own folder, so the data path, the storage
+    path and a `sqlite:///` tracking store are made absolute in `cfg` (a relative one would name
+    another place in every trial); the dataset is listed once and the tracking store reached, so
+    that a path that cannot work fails the command with one line, not every trial.
+    -> (storage filesystem, storage root, tracking URI)"""
+    if "://" not in cfg.data.uri:
+        cfg.data.uri = os.path.abspath(os.path.expanduser(cfg.data.uri))
+    list_split(cfg.data, cfg.data.train_split)
+    fs, root = _storage(cfg)
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_tracking(uri)
+    cfg.mlflow.tracking_uri = uri
+    return fs, root, uri
 
 
 def _read_spec(fs, path: str) -> dict[str, Any] | None:
@@ -177,9 +194,7 @@ def run_sweep(
     if cfg.train.stop_at_step:
         raise UserError("train.stop_at_step ends every trial early; a sweep needs whole runs")
     name = opts.name or f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs, root = _storage(cfg)
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_tracking(uri)
+    fs, root, uri = prepare_paths(cfg)
 
     seeds = list(range(opts.seeds))
     n_trials = len(points) * len(seeds)

@@ -11,7 +11,7 @@ from PIL import Image
 from pipelines import cli
 from tune import results as tables
 from tune.space import Axis, check_grid, grid, parse_axes, parse_axis
-from tune.sweep import SweepOptions, concurrency, objective_axes, run_sweep
+from tune.sweep import SweepOptions, concurrency, objective_axes, prepare_paths, run_sweep
 from tune.trial import SweepSpec, run_name_of, trial_config
 from xtra_core.config import ConfigError, build_config
 
@@ -78,6 +78,39 @@ def test_impossible_axis_value_is_refused_before_ray_starts(tmp_path, monkeypatc
     assert not storage.exists() and not (tmp_path / "m.db").exists()  # nothing was started
     with pytest.raises(ConfigError, match="at least one --axis"):
         run_sweep(build_config("tiny", None, {"data.uri": str(tmp_path)}), [], SweepOptions())
+
+
+def test_a_dataset_that_is_not_there_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init called for a sweep that cannot work")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    code = cli.main(["sweep", "--data", str(tmp_path / "nope"), "--axis", "block_size=1,2", "--set",
+                     f"train.storage_path={tmp_path}/runs", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope: does not exist" in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_relative_paths_are_made_absolute_for_the_trials_own_folders(tmp_path, monkeypatch):
+    # Tune starts each trial in its own folder: `--data data` or the default `sqlite:///./mlruns.db`
+    # would each name another place there
+    for i in range(2):
+        (tmp_path / "data" / "train" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / "a" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = build_config("tiny", None, {"data.uri": "data", "train.storage_path": "runs"})
+    fs, root, uri = prepare_paths(cfg)
+    assert cfg.data.uri == str(tmp_path / "data")
+    assert root == cfg.train.storage_path == str(tmp_path / "runs")
+    assert uri == cfg.mlflow.tracking_uri and uri.startswith(f"sqlite:///{tmp_path}/")
+    spec = SweepSpec(name="s", base=cfg.to_dict(), axis_names={"model.block_size": "block_size"})
+    monkeypatch.chdir(tmp_path / "data")  # as a trial: another working directory
+    trial = trial_config(spec, {"model.block_size": 1, "seed": 0})
+    assert trial.data.uri == str(tmp_path / "data") and trial.mlflow.tracking_uri == uri
 
 
 def test_concurrency_leaves_each_trial_its_workers_and_a_decode_share():
