@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,23 @@ def _open(storage: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
     return open_storage(storage, cfg)
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+def _read_json(fs: pafs.FileSystem, path: str, tries: int = 5) -> dict[str, Any] | None:
+    """The JSON file at `path`, None if there is none. Ray Train rewrites its snapshot in place, so
+    a reader racing a running job can see it empty or cut short: read again (0.1 s apart); a
+    file that stays unreadable is named in the error."""
+    for attempt in range(tries):
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as e:
+            if attempt == tries - 1:
+                raise UserError(f"{path}: not valid JSON ({e}); the file is corrupt or another "
+                                "job is writing this run") from None
+            time.sleep(0.1)
+    return None
 
 
 def latest_checkpoint(storage: str, run_name: str, cfg: XTRAConfig) -> tuple[int, dict[str, Any] | None]:
