@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
+from pipelines import console
 from pipelines.data.images import BadImage, decode
 from pipelines.data.listing import Listing, list_every_split
 from pipelines.data.storage import (
@@ -271,7 +272,9 @@ def inspect(uri: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     splits = list_every_split(data)  # fails fast, before Ray starts, on a bad URI
     started = not ray.is_initialized()
     if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 **console.ray_init_kwargs())
+    console.quiet_ray_data()  # Ray Data's progress lines only with --verbose
     try:
         counter = bad_file_counter()
         per_class: dict[str, int] = {}
