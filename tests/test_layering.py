@@ -4,8 +4,9 @@ ones inside functions): arrows point down only and there is no import cycle.
 - `xtra_core` imports the standard library, torch, numpy and safetensors, nothing else;
 - `tune -> pipelines -> xtra_core`: no package imports one above it (nor benchmarks/tests);
 - inside `pipelines`: `cli` -> jobs (`pretrain`, `probe`, `demo`, any new job folder) ->
-  `data` / `tracking` -> shared leaves (`errors`, `config_io`, `config_validation`, `redaction`,
-  `console`); only the `__main__`
+  `data` / `tracking` / config reading (`config_io`, `config_validation`, which checks the probe's
+  RandAugment spec with `data.probe_augment`) -> shared leaves (`errors`, `redaction`, `console`);
+  only the `__main__`
   shims may import `cli`; `cli`, the one entry point, may import `tune` (for `xtra sweep`);
 - no cycle between first-party modules.
 """
@@ -23,7 +24,8 @@ PACKAGES = ("xtra_core", "pipelines", "tune", "benchmarks")
 PACKAGE_LEVEL = {"xtra_core": 0, "pipelines": 1, "tune": 2, "benchmarks": 3, "tests": 4}
 CORE_THIRD_PARTY = {"torch", "numpy", "safetensors"}
 # inside pipelines: a unit (sub-package or top module) may import units of its level or below
-PIPELINES_LEVEL = {"errors": 0, "config_io": 0, "console": 0, "config_validation": 0, "redaction": 0, "data": 1, "tracking": 1, "cli": 3}
+PIPELINES_LEVEL = {"errors": 0, "console": 0, "redaction": 0, "data": 1, "tracking": 1, "config_io": 1,
+                   "config_validation": 1, "cli": 3}
 JOB_LEVEL = 2  # pretrain, probe, demo and any new job folder
 
 

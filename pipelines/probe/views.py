@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.data.augment import RandAugment, mean_fill, random_erasing
 from pipelines.data.images import file_rng, random_resized_crop_params
 from pipelines.data.listing import Listing
+from pipelines.data.probe_augment import RandAugment, mean_fill, random_erasing
 from xtra_core.config import DataConfig, XTRAConfig
 
 AUGMENT_SALT = 0xA7A7  # keeps the probe's per-file streams apart from pretraining's

@@ -1,27 +1,18 @@
-"""Configuration: dataclasses with defaults are the single source of truth.
+"""The five config sections as dataclasses with defaults (the single source of the keys, types and
+defaults), and `XTRAConfig` holding them.
 
-A YAML file (parsed in `pipelines.config_io`) overrides them, and CLI `--set section.key=value`
-overrides the YAML. This module is pure Python: it knows nothing about YAML or Ray.
-
-Sections: `model` (the XTRA architecture and the Table 6 ablation switches), `data`, `train`,
-`mlflow`, `probe`. Presets `tiny`, `vit_b16`, `vit_h14` fill `model` (and Table 1 training
-settings); `XTRAConfig.validate()` names the values that clash.
+Each section's `validate()` checks its ranges (from `ranges.RANGES`, written once) and the values
+that clash; choices are checked here. Pure Python: nothing about YAML, Ray or pydantic.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid configuration: an unknown key, a wrongly typed value or values that clash."""
+from xtra_core.config.ranges import ConfigError, check_range
 
 
 @dataclass
@@ -108,8 +99,7 @@ class ModelConfig:
         _choice("model.loss", self.loss, ("l2", "l1"))
         _choice("model.block_order", self.block_order, ("raster", "random"))
         _choice("model.attention", self.attention, ("sdpa", "flex"))
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"model.drop_path={self.drop_path} must be in [0, 1)")
+        _check_ranges("model", self, "drop_path")
 
 
 @dataclass
@@ -143,21 +133,9 @@ class DataConfig:
         lo, hi = self.crop_ratio
         if not 0.0 < lo <= hi:
             raise ConfigError(f"data.crop_ratio={list(self.crop_ratio)} must be 0 < lo <= hi")
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"data.hflip_prob={self.hflip_prob} must be in [0, 1]")
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"data.std={list(self.std)} must be positive")
-        if self.min_image_side < 1:
-            raise ConfigError(f"data.min_image_side={self.min_image_side} must be >= 1")
-        if self.max_image_bytes < 1:
-            raise ConfigError(f"data.max_image_bytes={self.max_image_bytes} must be >= 1")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
-        if self.s3_max_attempts < 1:
-            raise ConfigError(f"data.s3_max_attempts={self.s3_max_attempts} must be >= 1")
-        for key in ("s3_connect_timeout_s", "s3_request_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be > 0")
+        _check_ranges("data", self, "hflip_prob", "std", "min_image_side", "max_image_bytes",
+                      "max_bad_fraction", "s3_max_attempts", "s3_connect_timeout_s",
+                      "s3_request_timeout_s")
 
 
 @dataclass
@@ -197,25 +175,15 @@ class TrainConfig:
     resume_mismatch_ok: bool = False  # resume even if the model/batch config differs from the checkpoint's
 
     def validate(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        if self.num_workers < 1:
-            raise ConfigError(f"train.num_workers={self.num_workers} must be >= 1")
+        _check_ranges("train", self, "zero_stage", "num_workers")
         micro = self.micro_batch_size or self.global_batch_size // self.num_workers
         if micro < 1 or self.global_batch_size % (micro * self.num_workers):
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.num_workers={self.num_workers} x micro batch {micro}"
             )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
-        if self.visualize_every < 0 or self.visualize_images < 1:
-            raise ConfigError(
-                f"train.visualize_every={self.visualize_every} must be >= 0 (0 = off) and "
-                f"train.visualize_images={self.visualize_images} >= 1"
-            )
+        _check_ranges("train", self, "max_steps", "checkpoint_every", "log_every",
+                      "visualize_every", "visualize_images")
 
     @property
     def micro_batch(self) -> int:
@@ -300,47 +268,9 @@ class ProbeConfig:
         if not self.linear_weight_decays or any(w < 0 for w in self.linear_weight_decays):
             raise ConfigError(f"probe.linear_weight_decays={list(self.linear_weight_decays)} must "
                               "be a non-empty list of values >= 0")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"probe.val_fraction={self.val_fraction} must be in (0, 1)")
-        if not 0.0 <= self.random_erasing <= 1.0:
-            raise ConfigError(f"probe.random_erasing={self.random_erasing} must be in [0, 1]")
-        if self.rand_augment:
-            try:
-                parse_rand_augment(self.rand_augment)
-            except ValueError as e:
-                raise ConfigError(f"probe.rand_augment: {e}") from None
-
-
-def parse_rand_augment(spec: str) -> dict[str, Any]:
-    """timm's RandAugment spec `rand-m9-mstd0.5-inc1` -> keyword arguments (magnitude, num_ops,
-    magnitude_std, increasing; m defaults to 10); ValueError naming a bad section."""
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"RandAugment spec {spec!r} must start with 'rand'")
-    kw: dict[str, Any] = {"magnitude": 10.0, "increasing": False}
-    for part in parts[1:]:
-        m = re.fullmatch(r"([a-z]+)(\d.*)", part)
-        if not m:
-            raise ValueError(f"RandAugment spec {spec!r}: cannot read section {part!r}")
-        key, val = m.groups()
-        try:
-            if key == "m":
-                kw["magnitude"] = float(val)
-            elif key == "n":
-                kw["num_ops"] = int(val)
-            elif key == "mstd":
-                kw["magnitude_std"] = float(val)
-            elif key == "inc":
-                kw["increasing"] = bool(int(val))
-            else:
-                raise ValueError(f"RandAugment spec {spec!r}: unknown section {key!r} "
-                                 "(valid: m, n, mstd, inc)")
-        except ValueError as e:
-            if "unknown section" in str(e):
-                raise
-            raise ValueError(f"RandAugment spec {spec!r}: bad number in section {part!r}") from None
-    kw.setdefault("magnitude_std", 0.0)
-    return kw
+        _check_ranges("probe", self, "val_fraction", "random_erasing")
+        # probe.rand_augment (timm's spec) is read by pipelines.data.probe_augment, and checked
+        # with every CLI command's values (pipelines.config_validation)
 
 
 @dataclass
@@ -380,197 +310,6 @@ def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
 
 
-# --------------------------------------------------------------------------- presets
-
-
-def tiny() -> XTRAConfig:
-    """CPU-sized: 32 px, patch 4, block 2 (4x4 blocks of 8 px), ~6.3M parameters."""
-    return XTRAConfig(
-        model=ModelConfig(),
-        train=TrainConfig(global_batch_size=128, epochs=5, warmup_epochs=0.5, zero_stage=2,
-                          checkpoint_every=100),
-        probe=ProbeConfig(attentive_last_n=2),
-        preset="tiny",
-    )
-
-
-def table2_probe(eval_resize: int) -> ProbeConfig:
-    """Table 2's ImageNet-1k column and the reference's in1k eval configs (B and H): 100 epochs,
-    batch 4096 (1024 x 4 accumulated), 10 warmup epochs, the mean of the last 6 blocks, 16 heads."""
-    return ProbeConfig(
-        epochs=100, batch_size=4096, warmup_epochs=10.0, attentive_last_n=6, attentive_heads=16,
-        eval_resize=eval_resize,
-    )
-
-
-def vit_b16() -> XTRAConfig:
-    """Table 1, ViT-B/16 on ImageNet-1K: 256 px, patch 16, 64 px blocks."""
-    return XTRAConfig(
-        model=ModelConfig(
-            image_size=256,
-            patch_size=16,
-            block_size=4,
-            encoder_width=768,
-            encoder_depth=12,
-            encoder_heads=12,
-            projection_hidden=4096,
-            decoder_width=768,
-            decoder_depth=8,
-            decoder_heads=6,
-            head_hidden=6144,
-            drop_path=0.2,
-        ),
-        train=TrainConfig(
-            global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6
-        ),
-        probe=table2_probe(eval_resize=300),  # the reference's eval: resize 300, centre crop 256
-        preset="vit_b16",
-    )
-
-
-def vit_h14() -> XTRAConfig:
-    """Table 1, ViT-H/14 on ImageNet-21K: 224 px, patch 14, 56 px blocks."""
-    return XTRAConfig(
-        model=ModelConfig(
-            image_size=224,
-            patch_size=14,
-            block_size=4,
-            encoder_width=1280,
-            encoder_depth=32,
-            encoder_heads=16,
-            projection_hidden=5120,
-            decoder_width=640,
-            decoder_depth=8,
-            decoder_heads=8,
-            head_hidden=9408,  # the reference's config and checkpoint name ("proj_9408")
-            drop_path=0.2,
-            activation_checkpointing=True,
-        ),
-        train=TrainConfig(
-            global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6
-        ),
-        probe=table2_probe(eval_resize=256),  # the reference's eval: resize 256, centre crop 224
-        preset="vit_h14",
-    )
-
-
-PRESETS = {"tiny": tiny, "vit_b16": vit_b16, "vit_h14": vit_h14}
-
-
-def preset(name: str) -> XTRAConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
-    return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def parse_dotted(pairs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """`{"train.max_steps": 5}` -> `{"train": {"max_steps": 5}}`; a key without a dot is an error."""
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in pairs.items():
-        if "." not in key:
-            raise ConfigError(
-                f"override key {key!r} must be section.key with section one of {list(SECTIONS)}"
-            )
-        section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = value
-    return nested
-
-
-def apply_overrides(cfg: XTRAConfig, overrides: dict[str, Any]) -> XTRAConfig:
-    """A copy of `cfg` with nested overrides `{section: {key: value}}` applied and type-checked.
-
-    Unknown sections or keys raise ConfigError naming the valid ones.
-    """
-    cfg = copy.deepcopy(cfg)
-    for section, values in overrides.items():
-        if section == "preset":
-            continue
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r}; valid sections: {list(SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
-        obj = getattr(cfg, section)
-        hints = typing.get_type_hints(type(obj))
-        valid = [f.name for f in dataclasses.fields(obj)]
-        for key, value in values.items():
-            if key not in valid:
-                raise ConfigError(
-                    f"unknown config key {section}.{key!r}; valid keys of {section!r}: {valid}"
-                )
-            setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
-    return cfg
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the field type `tp`; accept ints for floats, lists for tuples."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(key, v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                out = float(value)
-            except ValueError:
-                pass
-            else:
-                if math.isfinite(out):
-                    return out
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def build_config(
-    base: str | XTRAConfig = "tiny",
-    overrides: dict[str, Any] | None = None,
-    dotted: dict[str, Any] | None = None,
-) -> XTRAConfig:
-    """Preset (or config) <- nested overrides (YAML) <- dotted overrides (`--set`), validated."""
-    cfg = preset(base) if isinstance(base, str) else base
-    overrides = dict(overrides or {})
-    name = overrides.pop("preset", None)
-    if name is not None:
-        if not isinstance(name, str):
-            raise ConfigError(f"preset must be a name, got {name!r}")
-        cfg = preset(name)
-    cfg = apply_overrides(cfg, overrides)
-    if dotted:
-        cfg = apply_overrides(cfg, parse_dotted(dotted))
-    return cfg.validate()
-
-
-def config_from_dict(d: dict[str, Any]) -> XTRAConfig:
-    """Inverse of `XTRAConfig.to_dict()` (used to load exported configs)."""
-    d = dict(d)
-    base = preset(d.pop("preset", "tiny"))
-    return apply_overrides(base, d).validate()
+def _check_ranges(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        check_range(f"{section}.{name}", getattr(obj, name))

@@ -1,5 +1,6 @@
-"""The attentive probe's augmentations (Table 2 and the reference's eval configs): RandAugment and
-random erasing on PIL / numpy, with every random draw taken from an explicit numpy Generator.
+"""The probe's augmentations (Table 2 and the reference's eval configs; pretraining's crop + flip
+live in `images.py`): timm's RandAugment spec parser, RandAugment and random erasing on PIL /
+numpy, with every random draw taken from an explicit numpy Generator.
 
 - `RandAugment.from_spec("rand-m9-mstd0.5-inc1")`: timm's RandAugment string. `n` ops per image
   (default 2) drawn with replacement from the 15 ops (`inc1`: the variants whose severity grows with
@@ -18,13 +19,13 @@ output: each function takes a `numpy.random.Generator` and draws from nothing el
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
-
-from xtra_core.config import parse_rand_augment
 
 LEVEL_DENOM = 10.0  # magnitudes are on a 0..10 scale ("m9")
 
@@ -134,6 +135,38 @@ def apply_op(
 # --------------------------------------------------------------------------- RandAugment
 
 
+def parse_rand_augment(spec: str) -> dict[str, Any]:
+    """timm's RandAugment spec `rand-m9-mstd0.5-inc1` -> keyword arguments (magnitude, num_ops,
+    magnitude_std, increasing; m defaults to 10); ValueError naming a bad section."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment spec {spec!r} must start with 'rand'")
+    kw: dict[str, Any] = {"magnitude": 10.0, "increasing": False}
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)(\d.*)", part)
+        if not m:
+            raise ValueError(f"RandAugment spec {spec!r}: cannot read section {part!r}")
+        key, val = m.groups()
+        try:
+            if key == "m":
+                kw["magnitude"] = float(val)
+            elif key == "n":
+                kw["num_ops"] = int(val)
+            elif key == "mstd":
+                kw["magnitude_std"] = float(val)
+            elif key == "inc":
+                kw["increasing"] = bool(int(val))
+            else:
+                raise ValueError(f"RandAugment spec {spec!r}: unknown section {key!r} "
+                                 "(valid: m, n, mstd, inc)")
+        except ValueError as e:
+            if "unknown section" in str(e):
+                raise
+            raise ValueError(f"RandAugment spec {spec!r}: bad number in section {part!r}") from None
+    kw.setdefault("magnitude_std", 0.0)
+    return kw
+
+
 @dataclass(frozen=True)
 class RandAugment:
     """timm's RandAugment: `num_ops` ops per image, each applied with `prob` at magnitude
@@ -148,7 +181,7 @@ class RandAugment:
 
     @classmethod
     def from_spec(cls, spec: str, fill: tuple[int, int, int] = (128, 128, 128)) -> RandAugment:
-        """timm's `rand-m9-mstd0.5-inc1` (parsed by `xtra_core.config.parse_rand_augment`)."""
+        """timm's `rand-m9-mstd0.5-inc1` (read by `parse_rand_augment`)."""
         kw = parse_rand_augment(spec)
         return cls(fill=fill, **kw)
 

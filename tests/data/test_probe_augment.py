@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.augment import (
+from pipelines.data.probe_augment import (
     OPS,
     RAND_INCREASING_OPS,
     RandAugment,
