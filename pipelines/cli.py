@@ -293,14 +293,14 @@ def _run_visualize(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pipelines.tracking.registry import export_model
+    from pipelines.model_commands import export_model
 
     print(json.dumps(export_model(_load(args), args.model, args.out, args.full)), flush=True)
     return 0
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from pipelines.tracking.registry import promote
+    from pipelines.model_commands import promote
 
     print(json.dumps(promote(_load(args), args.model, args.alias)), flush=True)
     return 0

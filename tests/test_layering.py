@@ -8,7 +8,10 @@ ones inside functions): arrows point down only and there is no import cycle.
   RandAugment spec with `data.probe_augment`) -> shared leaves (`errors`, `redaction`, `console`);
   only the `__main__`
   shims may import `cli`; `cli`, the one entry point, may import `tune` (for `xtra sweep`);
-- no cycle between first-party modules.
+- no cycle between first-party modules;
+- one home for MLflow: no module outside `pipelines/tracking/` imports mlflow (benchmarks/ may:
+  they read a run's results back with their own client, as the tests do), and only
+  `tracking.store` touches MLflow's process-wide tracking URI (`set_tracking_uri`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,23 @@ def layering_violations(g: dict[str, set[str]]) -> list[str]:
     return sorted(bad)
 
 
+def mlflow_outside_tracking(g: dict[str, set[str]]) -> list[str]:
+    """Modules outside `pipelines.tracking` (and benchmarks) that import mlflow."""
+    return sorted(m for m, targets in g.items()
+                  if any(t.split(".")[0] == "mlflow" for t in targets)
+                  and m.split(".")[:2] != ["pipelines", "tracking"] and m.split(".")[0] != "benchmarks")
+
+
+def set_tracking_uri_callers() -> list[str]:
+    """First-party modules (benchmarks included) that call `set_tracking_uri`."""
+    out = []
+    for name, path in first_party_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        if any(isinstance(n, ast.Attribute) and n.attr == "set_tracking_uri" for n in ast.walk(tree)):
+            out.append(name)
+    return sorted(out)
+
+
 def import_cycles(g: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index: dict[str, int] = {}
@@ -145,6 +165,17 @@ def test_xtra_core_imports_no_ray_mlflow_deepspeed_or_pipelines():
     g = graph()
     core = {t.split(".")[0] for m, ts in g.items() if m.startswith("xtra_core") for t in ts}
     assert core & {"ray", "mlflow", "deepspeed", "pipelines", "tune", "boto3", "pyarrow"} == set()
+
+
+def test_only_tracking_imports_mlflow():
+    assert mlflow_outside_tracking(graph()) == []
+    g = {"pipelines.probe.scores": {"mlflow.exceptions"}, "pipelines.tracking.store": {"mlflow"},
+         "benchmarks.pretrain_quality": {"mlflow"}}
+    assert mlflow_outside_tracking(g) == ["pipelines.probe.scores"]  # the checker catches a planted one
+
+
+def test_no_process_wide_tracking_uri_outside_the_store():
+    assert set_tracking_uri_callers() == ["pipelines.tracking.store"]
 
 
 @pytest.mark.parametrize("edges, expected", [

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.data.listing import list_split
 from pipelines.errors import UserError
-from pipelines.tracking import runs as tracking
+from pipelines.tracking import store, sweeps
 from tune import results as tables
 from tune.space import Axis, check_grid, parse_axes
 from xtra_core.config import XTRAConfig
@@ -53,7 +53,6 @@ OBJECTIVE_KEYS = frozenset({"model.loss", "model.block_size", "model.blocks_ahea
 logger = logging.getLogger("xtra.sweep")
 
 SPEC_FILE = "xtra_sweep.json"  # the sweep's axes/seeds, next to Tune's experiment state
-PARENT_TAG = "xtra.sweep_parent"
 DRIVER_MEMORY = 256 * 2**20  # logical memory the trial (Train driver) reserves, bytes
 
 
@@ -86,8 +85,7 @@ def concurrency(cfg: XTRAConfig, cluster_cpus: float, decode_cpus: float) -> int
 
 def _storage(cfg: XTRAConfig):
     """(pyarrow filesystem, root path) of the sweep's storage; local paths resolved."""
-    from pipelines.pretrain.plan import storage_path
-    from pipelines.pretrain.stream import open_storage
+    from pipelines.pretrain.plan import open_storage, storage_path
 
     storage = storage_path(cfg.train.storage_path)
     if "://" not in storage:
@@ -106,8 +104,7 @@ def prepare_paths(cfg: XTRAConfig) -> tuple[Any, str, str]:
         cfg.data.uri = os.path.abspath(os.path.expanduser(cfg.data.uri))
     list_split(cfg.data, cfg.data.train_split)
     fs, root = _storage(cfg)
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_tracking(uri)
+    uri = store.connect(cfg)
     cfg.mlflow.tracking_uri = uri
     return fs, root, uri
 
@@ -125,25 +122,6 @@ def _write_spec(fs, path: str, spec: dict[str, Any]) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(spec, indent=2, default=str).encode())
-
-
-def parent_run(uri: str, cfg: XTRAConfig, name: str, spec: dict[str, Any]) -> str:
-    """The sweep's MLflow parent run: found by name (a resume), else created with its params."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exp = tracking.experiment_id(uri, cfg.mlflow.experiment)
-    found = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{name}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    run = client.create_run(exp, run_name=name, tags={PARENT_TAG: name, "xtra.preset": cfg.preset})
-    client.log_param(run.info.run_id, "sweep.axes", json.dumps(spec["axes"]))
-    client.log_param(run.info.run_id, "sweep.seeds", spec["seeds"])
-    client.log_param(run.info.run_id, "sweep.kinds", ",".join(spec["kinds"]))
-    client.log_param(run.info.run_id, "sweep.trials", spec["trials"])
-    return run.info.run_id
 
 
 @contextlib.contextmanager
@@ -172,18 +150,59 @@ def run_sweep(
     axis_specs: list[str],
     options: SweepOptions | None = None,
 ) -> dict[str, Any]:
-    """The whole job. Returns {name, experiment_path, parent_run_id, rows, summary, markdown,
-    files, interrupted}."""
-    import ray
-    from ray import tune
-
+    """The whole job, in named stages: check the grid and options -> paths -> the sweep's plan
+    (new or resumed) -> Ray -> trials at once -> MLflow parent run -> Tuner (built or restored,
+    ASHA optional) -> fit -> report. Returns {name, experiment_path, parent_run_id, rows, summary,
+    markdown, files, interrupted}."""
     from tune.orphans import reaping
-    from tune.progress import TrialEvents
-    from tune.trial import SweepSpec, sweep_trial
+    from tune.trial import SweepSpec
 
     opts = options or SweepOptions()
+    axes, points = check_sweep(cfg, axis_specs, opts)  # every value refused here, before Ray starts
+    name = opts.name or f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs, root, uri = prepare_paths(cfg)
+    plan = plan_sweep(cfg, name, axes, points, opts, fs, root)
+    start_ray(opts.verbose)
+    parallel = trials_at_once(cfg, opts)
+    parent_id = sweeps.parent_run(uri, cfg.mlflow.experiment, name, cfg.preset, {
+        "sweep.axes": json.dumps(plan.spec["axes"]), "sweep.seeds": plan.spec["seeds"],
+        "sweep.kinds": ",".join(plan.spec["kinds"]), "sweep.trials": plan.spec["trials"]})
+    _write_spec(fs, f"{plan.exp_path}/{SPEC_FILE}", plan.spec)
+    trial_spec = SweepSpec(name=name, base=cfg.to_dict(), axis_names={a.key: a.name for a in axes},
+                           kinds=list(opts.kinds), parent_run_id=parent_id, tracking_uri=uri)
+    storage_fs = None if fs.type_name == "local" else fs
+    tuner, resumed = build_tuner(cfg, plan, opts, trial_spec, root, storage_fs, parallel)
+    print(f"[xtra] sweep {name}: {plan.n_trials} trials ({len(points)} grid points x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''}), "
+          f"{parallel} at a time, probe {'+'.join(opts.kinds)}"
+          + (" - resuming: finished trials are kept" if resumed else "")
+          + f"; MLflow parent run {parent_id}", flush=True)
+    t0 = time.time()
+    with tune_output(opts.verbose), reaping():  # frees what stopped trials' Train runs leave
+        grid = tuner.fit()
+        unfinished = unfinished_trials(plan.exp_path, storage_fs)
+    return report(cfg, plan, opts, fs, trial_spec, grid, unfinished, time.time() - t0)
+
+
+@dataclass
+class SweepPlan:
+    """The sweep's grid and where Tune keeps it."""
+
+    name: str
+    axes: list[Axis]
+    points: list[dict[str, Any]]
+    seeds: list[int]
+    spec: dict[str, Any]  # axes, seeds, kinds, trials: saved next to Tune's state (SPEC_FILE)
+    exp_path: str
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.points) * len(self.seeds)
+
+
+def check_sweep(cfg: XTRAConfig, axis_specs: list[str], opts: SweepOptions) -> tuple[list[Axis], list[dict[str, Any]]]:
+    """The axes and grid points; a value, option or setting that cannot work is one UserError."""
     axes: list[Axis] = parse_axes(axis_specs)
-    points = check_grid(cfg, axes)  # every value refused here, before Ray starts
+    points = check_grid(cfg, axes)
     if opts.seeds < 1:
         raise UserError(f"--seeds {opts.seeds}: give at least one seed")
     for kind in opts.kinds:
@@ -193,24 +212,40 @@ def run_sweep(
         raise UserError("no dataset: give --data <uri> (or data.uri in the config)")
     if cfg.train.stop_at_step:
         raise UserError("train.stop_at_step ends every trial early; a sweep needs whole runs")
-    name = opts.name or f"sweep-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs, root, uri = prepare_paths(cfg)
+    return axes, points
 
+
+def plan_sweep(cfg: XTRAConfig, name: str, axes: list[Axis], points: list[dict[str, Any]],
+               opts: SweepOptions, fs, root: str) -> SweepPlan:
+    """The sweep's plan; a sweep of that name saved with other axes/seeds/probes is refused."""
     seeds = list(range(opts.seeds))
-    n_trials = len(points) * len(seeds)
     spec = {"axes": {a.name: list(a.values) for a in axes}, "seeds": opts.seeds,
-            "kinds": list(opts.kinds), "trials": n_trials}
+            "kinds": list(opts.kinds), "trials": len(points) * len(seeds)}
     exp_path = f"{root}/{name}"
     saved = _read_spec(fs, f"{exp_path}/{SPEC_FILE}")
     if saved is not None and {k: saved.get(k) for k in spec} != spec:
         raise UserError(f"sweep {name!r} already exists in {cfg.train.storage_path} with axes "
                         f"{saved.get('axes')}, seeds {saved.get('seeds')}, probe {saved.get('kinds')}; "
                         "resume it with the same --axis/--seeds/--probe, or pick another --name")
+    return SweepPlan(name, axes, points, seeds, spec, exp_path)
+
+
+def start_ray(verbose: bool) -> None:
+    """Ray, unless already up; trial output (each trial's step lines, Ray's chatter) stays in
+    Ray's log files without --verbose."""
+    import ray
 
     if not ray.is_initialized():
-        # trial output (each trial's own step lines, Ray's chatter) stays in Ray's log files
-        ray.init(logging_level="WARNING", log_to_driver=opts.verbose)
+        ray.init(logging_level="WARNING", log_to_driver=verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def trials_at_once(cfg: XTRAConfig, opts: SweepOptions) -> int:
+    """`--max-concurrent`, else as many trials as the cluster's CPUs hold (`concurrency`);
+    `train.cpus_per_worker` unset is sized as pretraining does. A trial that does not fit the
+    cluster is refused."""
+    import ray
+
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if cfg.train.cpus_per_worker is None:  # unset: one trial sized to the cluster, as pretraining does
         from pipelines.pretrain.resources import worker_cpus
@@ -224,105 +259,107 @@ def run_sweep(
             f"{opts.decode_cpus:g}) but the cluster has {cpus:g}: lower train.cpus_per_worker "
             "or train.num_workers"
         )
-    parallel = opts.max_concurrent or concurrency(cfg, cpus, opts.decode_cpus)
+    return opts.max_concurrent or concurrency(cfg, cpus, opts.decode_cpus)
 
-    parent_id = parent_run(uri, cfg, name, spec)
-    _write_spec(fs, f"{exp_path}/{SPEC_FILE}", spec)
-    trial_spec = SweepSpec(name=name, base=cfg.to_dict(), axis_names={a.key: a.name for a in axes},
-                           kinds=list(opts.kinds), parent_run_id=parent_id, tracking_uri=uri)
+
+def build_tuner(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, trial_spec: SweepSpec,
+                root: str, storage_fs, parallel: int):  # -> (ray.tune.Tuner, resumed)
+    """The Tuner of the sweep: restored when its experiment exists (a resume), else built over
+    the grid x seeds, with ASHA on `--asha`."""
+    from ray import tune as ray_tune
+
+    from tune.progress import TrialEvents
+    from tune.trial import sweep_trial
+
     # the trial is the Train driver: no CPU of its own (its workers get their own placement group)
-    trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, spec=trial_spec),
-        tune.PlacementGroupFactory([{"memory": DRIVER_MEMORY}]),
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(sweep_trial, spec=trial_spec),
+        ray_tune.PlacementGroupFactory([{"memory": DRIVER_MEMORY}]),
     )
-    storage_fs = None if fs.type_name == "local" else fs
-    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs)
-    print(f"[xtra] sweep {name}: {n_trials} trials ({len(points)} grid points x {len(seeds)} seed{'s' if len(seeds) > 1 else ''}), "
-          f"{parallel} at a time, probe {'+'.join(opts.kinds)}"
-          + (" - resuming: finished trials are kept" if resumed else "")
-          + f"; MLflow parent run {parent_id}", flush=True)
-    if resumed:
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=opts.retry_failed,
-                                   storage_filesystem=storage_fs)
-    else:
-        param_space: dict[str, Any] = {a.key: tune.grid_search(list(a.values)) for a in axes}
-        param_space["seed"] = tune.grid_search(seeds)
-        scheduler = None
-        incomparable = objective_axes(axes)
-        if opts.asha and incomparable:
-            print(f"[xtra] warning: --asha stops trials by pretraining loss, but {', '.join(incomparable)} "
-                  "change(s) what the loss measures: trials along it are not compared on one scale",
-                  flush=True)
-        if opts.asha:
-            from ray.tune.schedulers import ASHAScheduler
-
-            max_t = cfg.train.max_steps or 10**9
-            grace = opts.asha_grace_steps or max(1, (cfg.train.max_steps or 100) // 4)
-            # stop_last_trials=False: a trial that reaches max_t has finished pretraining and
-            # goes on to its probe (the default stops it there, unprobed)
-            scheduler = ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=max_t,
-                                      grace_period=grace, reduction_factor=2, stop_last_trials=False)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=parallel, scheduler=scheduler,
+    if ray_tune.Tuner.can_restore(plan.exp_path, storage_filesystem=storage_fs):
+        return ray_tune.Tuner.restore(plan.exp_path, trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=opts.retry_failed,
+                                      storage_filesystem=storage_fs), True
+    param_space: dict[str, Any] = {a.key: ray_tune.grid_search(list(a.values)) for a in plan.axes}
+    param_space["seed"] = ray_tune.grid_search(plan.seeds)
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray_tune.TuneConfig(max_concurrent_trials=parallel, scheduler=asha(cfg, plan, opts),
                                         reuse_actors=False),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=root,
-                storage_filesystem=storage_fs,
-                callbacks=[TrialEvents(axes, n_trials)],
-                verbose=2 if opts.verbose else 0,
-                failure_config=tune.FailureConfig(max_failures=0),
-            ),
-        )
-    t0 = time.time()
-    with tune_output(opts.verbose), reaping():  # frees what stopped trials' Train runs leave
-        grid = tuner.fit()
-        unfinished = unfinished_trials(exp_path, storage_fs)
+        run_config=ray_tune.RunConfig(
+            name=plan.name,
+            storage_path=root,
+            storage_filesystem=storage_fs,
+            callbacks=[TrialEvents(plan.axes, plan.n_trials)],
+            verbose=2 if opts.verbose else 0,
+            failure_config=ray_tune.FailureConfig(max_failures=0),
+        ),
+    )
+    return tuner, False
+
+
+def asha(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions):  # -> ASHAScheduler | None
+    """With `--asha`: the scheduler that stops trials whose pretraining loss lags at equal step
+    (a warning names the axes whose losses are not on one scale)."""
+    incomparable = objective_axes(plan.axes)
+    if opts.asha and incomparable:
+        print(f"[xtra] warning: --asha stops trials by pretraining loss, but {', '.join(incomparable)} "
+              "change(s) what the loss measures: trials along it are not compared on one scale",
+              flush=True)
+    if not opts.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t = cfg.train.max_steps or 10**9
+    grace = opts.asha_grace_steps or max(1, (cfg.train.max_steps or 100) // 4)
+    # stop_last_trials=False: a trial that reaches max_t has finished pretraining and
+    # goes on to its probe (the default stops it there, unprobed)
+    return ASHAScheduler(time_attr="step", metric="loss", mode="min", max_t=max_t,
+                         grace_period=grace, reduction_factor=2, stop_last_trials=False)
+
+
+def report(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, fs, trial_spec: SweepSpec, grid,
+           unfinished: set[str], seconds: float) -> dict[str, Any]:
+    """After the fit: the table, the stopped trials' runs closed, the files written and logged
+    to the parent run, the console summary."""
+    name, axes = plan.name, plan.axes
     interrupted = bool(unfinished)
     rows = tables.trial_rows(grid, [a.key for a in axes], unfinished)
-    summary = tables.summarize(rows, points)
+    summary = tables.summarize(rows, plan.points)
     axis_names = {a.key: a.name for a in axes}
     markdown = tables.to_markdown(summary, axis_names, kind=opts.kinds[0])
     close_stopped_runs(trial_spec, cfg.mlflow.experiment, rows)
-    files = write_results(opts, cfg, name, exp_path, fs, rows, summary, axis_names, markdown, spec)
-    log_to_parent(uri, parent_id, files, summary, finished=not interrupted)
+    files = write_results(opts, cfg, name, plan.exp_path, fs, rows, summary, axis_names, markdown, plan.spec)
+    log_to_parent(trial_spec.tracking_uri, trial_spec.parent_run_id, files, summary, finished=not interrupted)
     print(f"[xtra] sweep {name}: {sum(r['status'] == 'done' for r in rows)} done, "
           f"{sum(r['status'] == 'failed' for r in rows)} failed, "
           f"{sum(r['status'] == 'stopped' for r in rows)} stopped early, "
           f"{sum(r['status'] == 'unfinished' for r in rows)} unfinished "
-          f"({time.time() - t0:.0f} s)", flush=True)
+          f"({seconds:.0f} s)", flush=True)
     print(markdown, flush=True)
     if interrupted:
         print(f"[xtra] sweep {name} was interrupted; run the same command with --name {name} "
               "to resume it", flush=True)
-    return {"name": name, "experiment_path": exp_path, "parent_run_id": parent_id, "rows": rows,
-            "summary": summary, "markdown": markdown, "files": files, "interrupted": interrupted}
+    return {"name": name, "experiment_path": plan.exp_path, "parent_run_id": trial_spec.parent_run_id,
+            "rows": rows, "summary": summary, "markdown": markdown, "files": files,
+            "interrupted": interrupted}
 
 
 def close_stopped_runs(spec: SweepSpec, experiment: str, rows: list[dict[str, Any]]) -> None:
     """The nested MLflow runs of trials the scheduler stopped (their pretraining was cut off, so
     nothing closed them): KILLED, tagged with the sweep and axis values like the probed ones."""
-    import mlflow
-
-    from tune.trial import find_trial_run, run_name_of, tag_trial_run
+    from tune.trial import axis_values, run_name_of
 
     stopped = [r for r in rows if r["status"] == "stopped"]
     if not stopped or not spec.tracking_uri:
         return
-    client = mlflow.MlflowClient(spec.tracking_uri)
     for r in stopped:
         config = {**r["point"], "seed": r["seed"]}
-        run = find_trial_run(client, experiment, run_name_of(spec, config))
-        if run is None:
-            continue
-        r["run_id"] = run.info.run_id
-        if run.info.status == "RUNNING":
-            tracking.finish_run(spec.tracking_uri, run.info.run_id, "KILLED")
-        tag_trial_run(spec, client, run.info.run_id, config)
-        client.set_tag(run.info.run_id, "xtra.sweep.stopped_at_step", str(r.get("step")))
+        run_id = sweeps.close_stopped_trial(spec.tracking_uri, experiment, run_name_of(spec, config),
+                                            spec.name, axis_values(spec, config), r.get("step"))
+        if run_id is not None:
+            r["run_id"] = run_id
 
 
 def unfinished_trials(exp_path: str, storage_fs) -> set[str]:
@@ -361,15 +398,12 @@ def write_results(
 
 def log_to_parent(uri: str, run_id: str, files: dict[str, str], summary: list[dict[str, Any]],
                   finished: bool) -> None:
-    """The table, JSON and plot as artifacts of the parent run; its status."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    for path in files.values():
-        client.log_artifact(run_id, path)
+    """The table, JSON and plot as artifacts of the parent run, the best point; its status."""
     best = [s for s in summary if s["val_top1_mean"] is not None]
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
     if best:
         top = max(best, key=lambda s: s["val_top1_mean"])
-        client.log_metric(run_id, "best_val_top1_mean", top["val_top1_mean"])
-        client.set_tag(run_id, "xtra.sweep.best_point", json.dumps(top["point"], default=str))
-    client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+        metrics["best_val_top1_mean"] = top["val_top1_mean"]
+        tags["xtra.sweep.best_point"] = json.dumps(top["point"], default=str)
+    sweeps.close_parent(uri, run_id, files.values(), metrics, tags, finished)

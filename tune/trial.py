@@ -21,6 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipelines.pretrain.driver import run_pretraining
 from pipelines.probe.driver import probe
 from pipelines.tracking import runs as tracking
+from pipelines.tracking import sweeps
 from tune.space import SEED_KEYS
 from xtra_core.config import XTRAConfig, build_config, config_from_dict
 
@@ -71,7 +72,7 @@ def trial_config(spec: SweepSpec, config: dict[str, Any]) -> XTRAConfig:
 
 def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable: pretrain (nested MLflow run) -> probe -> report."""
-    from ray import tune
+    from ray import tune as ray_tune
 
     cfg = trial_config(spec, config)
     out = finished_pretraining(spec, cfg) or run_pretraining(
@@ -91,7 +92,7 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     if run_id:
         tracking.finish_run(spec.tracking_uri, run_id, "FINISHED")
     loss = (out.get("metrics") or {}).get("loss")  # ASHA reads it: absent rather than None
-    tune.report({"phase": "probe", "step": out["step"], "total_steps": out["step"],
+    ray_tune.report({"phase": "probe", "step": out["step"], "total_steps": out["step"],
                  **({"loss": loss} if loss is not None else {}), "run_id": run_id or "",
                  "run_name": cfg.train.run_name, **scores})
 
@@ -99,19 +100,15 @@ def sweep_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 def finished_pretraining(spec: SweepSpec, cfg: XTRAConfig) -> dict[str, Any] | None:
     """A trial whose pretraining ended before the sweep was stopped (it was probing): its MLflow
     run and exported encoder, so a resumed sweep probes it again instead of retraining."""
-    import mlflow
+    out = sweeps.finished_trial(spec.tracking_uri, cfg.mlflow.experiment, cfg.train.run_name)
+    if out is not None:
+        logger.info("%s: pretraining already finished; probing its encoder", cfg.train.run_name)
+    return out
 
-    client = mlflow.MlflowClient(spec.tracking_uri)
-    run = find_trial_run(client, cfg.mlflow.experiment, cfg.train.run_name)
-    if run is None or not any(a.path == "encoder" for a in client.list_artifacts(run.info.run_id)):
-        return None
-    export_dir = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="encoder", tracking_uri=spec.tracking_uri)
-    logger.info("%s: pretraining already finished; probing its encoder", cfg.train.run_name)
-    curve = client.get_metric_history(run.info.run_id, "loss")
-    return {"run_id": run.info.run_id, "export_dir": export_dir,
-            "step": max((m.step for m in curve), default=0),
-            "metrics": {"loss": run.data.metrics.get("loss")}}
+
+def axis_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, str]:
+    """A grid point's values by the names the user gave the axes (the seed included)."""
+    return {spec.axis_names.get(k, k): str(v) for k, v in config.items()}
 
 
 def log_probe_scores(
@@ -127,24 +124,5 @@ def log_probe_scores(
                 if i == 0 and key in ("val_top1", "top1"):
                     scores[key] = float(r[key])  # the sweep's metric: the first probe kind
     if run_id:
-        from mlflow import MlflowClient
-
-        tag_trial_run(spec, MlflowClient(spec.tracking_uri), run_id, config)
+        sweeps.tag_trial(spec.tracking_uri, run_id, spec.name, axis_values(spec, config))
     return scores
-
-
-def find_trial_run(client, experiment: str, run_name: str):  # -> mlflow Run | None
-    """A trial's MLflow run, by the run-name tag its pretraining set."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    found = client.search_runs([exp.experiment_id], max_results=1,
-                               filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}'")
-    return found[0] if found else None
-
-
-def tag_trial_run(spec: SweepSpec, client, run_id: str, config: dict[str, Any]) -> None:
-    """Tags a trial's run with its sweep and axis values (`xtra.sweep`, `xtra.sweep.<axis>`)."""
-    client.set_tag(run_id, "xtra.sweep", spec.name)
-    for k, v in config.items():
-        client.set_tag(run_id, f"xtra.sweep.{spec.axis_names.get(k, k)}", str(v))

@@ -50,7 +50,7 @@ def checkpoint_state(cfg: XTRAConfig, step: int, metrics: dict[str, Any]) -> dic
 
 
 def _open(storage: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
-    from pipelines.pretrain.stream import open_storage
+    from pipelines.pretrain.plan import open_storage
 
     return open_storage(storage, cfg)
 

@@ -56,13 +56,13 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
     latest_checkpoint,
     latest_checkpoint_step,
 )
-from pipelines.pretrain.plan import RunPlan, default_run_name, plan_run, storage_path  # noqa: F401
+from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
+from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
 from pipelines.pretrain.resources import worker_cpus
-from pipelines.pretrain.stream import TrainStream, build_train_stream, open_storage
 from pipelines.pretrain.trainer import deepspeed_config  # noqa: F401 - re-exported
 from pipelines.pretrain.worker import train_loop_per_worker
-from pipelines.tracking import registry
+from pipelines.tracking import registry, store
 from pipelines.tracking import runs as tracking
 from pipelines.visualize.during_training import finish_pictures, training_pictures
 from xtra_core.config import XTRAConfig
@@ -91,8 +91,8 @@ def run_pretraining(
     cfg.train.run_name = run_name
     storage = cfg.train.storage_path = storage_path(cfg.train.storage_path)
 
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_tracking(uri)  # before any compute
+    uri = store.tracking_uri(cfg)
+    store.check_tracking(uri)  # before any compute
 
     stream: TrainStream = build_train_stream(cfg)  # lists the files: a bad URI fails here, first
     if not ray.is_initialized():
@@ -189,7 +189,7 @@ def export_and_register(
     meta = {"run_name": cfg.train.run_name, "normalization": {"mean": cfg.data.mean, "std": cfg.data.std}}
     save_encoder(state, cfg.model, export_dir, extra=meta)
     save_model(full, cfg.model, model_dir, extra=meta)  # the decoder and heads too, for pictures
-    registry.log_full_model(uri, run_id, model_dir)
+    tracking.log_full_model(uri, run_id, model_dir)
     # what the registry serves is the safetensors file: re-read it (no pickle) and compare
     saved = load_file(str(export_dir / WEIGHTS))
     if saved.keys() != state.keys() or not all(torch.equal(saved[k], state[k]) for k in state):
@@ -197,7 +197,7 @@ def export_and_register(
     if not register:
         tracking.log_encoder_files(uri, run_id, export_dir)
         return {"export_dir": str(export_dir), "model_dir": str(model_dir)}
-    info = tracking.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
+    info = registry.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
     if cfg.mlflow.alias:
         registry.set_alias(info["name"], info["version"], cfg.mlflow.alias, uri)
         info["alias"] = cfg.mlflow.alias

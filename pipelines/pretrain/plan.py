@@ -1,5 +1,6 @@
 """What a pretraining invocation trains (`RunPlan`), and the run defaults every job shares: the
-run name (`default_run_name`) and where runs are stored (`storage_path`, default ~/xtra_runs)."""
+run name (`default_run_name`) and where runs are stored (`storage_path`, default ~/xtra_runs;
+`open_storage` opens it, local or s3://)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.errors import UserError
 from xtra_core.config import XTRAConfig
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 DEFAULT_STORAGE = "~/xtra_runs"
 
@@ -22,6 +27,18 @@ def default_run_name(prefix: str) -> str:
 def storage_path(configured: str | None) -> str:
     """`train.storage_path` as given (a local dir or s3://), else ~/xtra_runs expanded."""
     return configured or str(Path(DEFAULT_STORAGE).expanduser())
+
+
+def open_storage(storage_path: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path) of a run storage location, local or s3://."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import storage
+
+    if storage.is_s3_uri(storage_path):
+        loc = storage.resolve(storage_path, storage.s3_settings(cfg.data))
+        return loc.filesystem, loc.path.rstrip("/")
+    return pafs.LocalFileSystem(), str(storage_path).rstrip("/")
 
 
 @dataclass

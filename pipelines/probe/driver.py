@@ -15,8 +15,8 @@ The job, one module per step:
    (`probe.linear_solver=adamw`: the paper's LR x epoch grid instead).
 5. `attentive`: Table 2's attentive probe, all `probe.lrs` trained side by side on each batch of
    augmented views, chosen on val.
-6. `scores`: metrics on the pretraining run of the model version (or a new run), tags on the
-   version; one JSON line per kind on stdout (by the CLI).
+6. scores (`tracking.probe_scores`): metrics on the pretraining run of the model version (or a new
+   run), tags on the version; one JSON line per kind on stdout (by the CLI).
 
 No Ray Tune: the grids run in this process, so `probe()` also works inside a Tune trial.
 Progress lines ("weight decay k/n", "epoch k/n" with the best val score so far) go to the
@@ -42,8 +42,9 @@ from pipelines.probe.loading import (  # noqa: F401  (the probe's public names, 
     random_encoder,
     state_checksum,
 )
-from pipelines.probe.scores import log_scores
 from pipelines.probe.splits import ProbeSplits, check_labels, probe_data_config, split_listings  # noqa: F401
+from pipelines.tracking import store
+from pipelines.tracking.probe_scores import log_scores
 from xtra_core.config import XTRAConfig
 
 logger = logging.getLogger("xtra.probe")
@@ -70,15 +71,10 @@ def probe(
     """The whole job: load, split, probe each kind, log. Returns one result record per kind.
     The scores go to MLflow run `run_id` if given (a sweep trial's nested run), else to the
     model's pretraining run, else to a new run tagged with the model."""
-    import mlflow
     import ray
 
-    from pipelines.tracking.registry import check_tracking, tracking_uri
-
-    uri = tracking_uri(cfg)
-    check_tracking(uri)
-    mlflow.set_tracking_uri(uri)
-    encoder, model_cfg, info = load_frozen_encoder(cfg, model_ref, random_init)
+    uri = store.connect(cfg)
+    encoder, model_cfg, info = load_frozen_encoder(cfg, model_ref, random_init, uri)
     pcfg = probe_data_config(cfg, model_cfg)
     check_probe_config(pcfg, kinds, len(encoder.blocks))
     splits = split_listings(pcfg)

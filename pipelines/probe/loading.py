@@ -57,15 +57,16 @@ def random_encoder(model_cfg: ModelConfig, seed: int) -> Encoder:
 
 
 def load_frozen_encoder(
-    cfg: XTRAConfig, model_ref: str | None, random_init: bool
+    cfg: XTRAConfig, model_ref: str | None, random_init: bool, uri: str | None = None
 ) -> tuple[Encoder, ModelConfig, dict[str, Any]]:
-    """(frozen encoder, its ModelConfig, info) for `--model` / `--random-init`.
+    """(frozen encoder, its ModelConfig, info) for `--model` / `--random-init`; a registry URI
+    is looked up in the MLflow store at `uri`.
 
     info: the registry's name/version/run_id for registry URIs, `source`, and `random_init`."""
     from pipelines.tracking.registry import load_encoder_with_info
 
     if model_ref:
-        encoder, model_cfg, info = load_encoder_with_info(model_ref)
+        encoder, model_cfg, info = load_encoder_with_info(model_ref, uri)
     elif random_init:
         encoder, model_cfg, info = None, copy.deepcopy(cfg.model), {"source": "config"}
     else:

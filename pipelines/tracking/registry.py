@@ -1,8 +1,8 @@
-"""MLflow: tracking URI, reachability check, and the encoder in the Model Registry.
+"""The encoder in the MLflow Model Registry: package, register, resolve, load.
 
 The encoder is logged as an MLflow pyfunc model whose artifact is the xtra_core export
 (`encoder.safetensors` + `config.json`), so the registry holds real weights and users get either
-    encoder = pipelines.tracking.registry.load_encoder("models:/xtra-encoder/1")        # torch module
+    encoder = pipelines.tracking.registry.load_encoder("models:/xtra-encoder/1", uri)   # torch module
 or  mlflow.pyfunc.load_model("models:/xtra-encoder@champion").predict(images_nchw)  # [B, D]
 The pyfunc is portable: logged as code (`encoder_pyfunc.py`) with `xtra_core` in its `code/`
 folder, a signature, and exact requirements (torch, safetensors, numpy, mlflow), nothing pickled.
@@ -10,13 +10,14 @@ folder, a signature, and exact requirements (torch, safetensors, numpy, mlflow),
 The pretraining run that registered a version also keeps the whole XTRA (`full_model/`:
 `model.safetensors` + `config.json`), which next-block predictions (`xtra visualize`) need.
 Aliases: pretraining sets `mlflow.alias` on the version it registers; `xtra promote` sets any.
+
+Every function takes the store's URI (`store.tracking_uri(cfg)`); None means MLflow's own default
+(a library caller that pointed MLflow somewhere itself).
 """
 
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,60 +25,16 @@ import numpy as np
 
 from pipelines.errors import UserError
 from pipelines.redaction import redact
-from xtra_core.config import ModelConfig, XTRAConfig
-from xtra_core.export import (
-    CONFIG,
-    MODEL_WEIGHTS,
-    WEIGHTS,
-    has_full_model,
-    load_model_config,
-    save_encoder,
-)
+from pipelines.tracking.backlog import Backlog, flush_patiently
+from pipelines.tracking.runs import FULL_MODEL_ARTIFACT
+from pipelines.tracking.store import client, fluent_at, no_url_printing
+from xtra_core.config import ModelConfig
+from xtra_core.export import CONFIG, MODEL_WEIGHTS, WEIGHTS, has_full_model, load_model_config
 from xtra_core.export import load_encoder as load_export
 from xtra_core.model import Encoder
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 EXPORT_ARTIFACT = "export"  # the registered model's artifact: the encoder export
-FULL_MODEL_ARTIFACT = "full_model"  # a pretraining run's artifact: the whole XTRA (model.safetensors)
 PYFUNC_CODE = Path(__file__).with_name("encoder_pyfunc.py")  # the pyfunc model, logged as code
-
-
-def tracking_uri(cfg: XTRAConfig) -> str:
-    """Config, else MLFLOW_TRACKING_URI, else a local sqlite store in the working directory."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # make relative sqlite paths absolute so Ray workers (other cwd) share the same store
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    return uri
-
-
-def check_tracking(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any compute, if the tracking store cannot be reached."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(_health_request(uri), timeout=timeout_s) as r:
-                if r.status != 200:
-                    raise UserError(f"MLflow tracking server {redact(uri)} answered HTTP {r.status}")
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"MLflow tracking server {redact(uri)} cannot be reached: {redact(str(e))}") from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
-        if not parent.is_dir():
-            raise UserError(f"MLflow tracking URI {redact(uri)}: directory {parent} does not exist")
-
-
-def _health_request(uri: str) -> urllib.request.Request:
-    """GET <uri>/health; `user:pass@` in the URI becomes a basic-auth header (as MLflow sends it)."""
-    import base64
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
-    netloc = parts.netloc.rpartition("@")[2]
-    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
-    if parts.username is not None:
-        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        req.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
-    return req
 
 
 def model_requirements() -> list[str]:
@@ -118,9 +75,10 @@ def _xtra_core_copy(dest: Path) -> Path:
 
 
 def log_and_register_encoder(
-    export_dir: str | Path, registered_model: str, alias: str | None = None
+    export_dir: str | Path, registered_model: str, alias: str | None = None, uri: str | None = None
 ) -> dict[str, Any]:
-    """Inside an active MLflow run: log the export as a pyfunc model and register it.
+    """Inside an active MLflow run (of MLflow's fluent API, at `uri`): log the export as a pyfunc
+    model and register it.
 
     The model is logged as code (`encoder_pyfunc.py`) with `xtra_core` in its `code/` folder and
     a signature, so it loads wherever its requirements are installed. `alias` (e.g. champion) is
@@ -144,7 +102,7 @@ def log_and_register_encoder(
         )
     version = str(info.registered_model_version)
     if alias:
-        set_alias(registered_model, version, alias)
+        set_alias(registered_model, version, alias, uri)
     return {
         "name": registered_model,
         "version": version,
@@ -152,13 +110,25 @@ def log_and_register_encoder(
     }
 
 
+def register_encoder(uri: str, run_id: str | None, export_dir: str | os.PathLike, name: str) -> dict[str, Any]:
+    """Log the encoder export to the run and register it; returns name / version / model_uri."""
+    import mlflow
+
+    # MLflow's own retries: the run's end may wait for it
+    with fluent_at(uri), no_url_printing(uri), mlflow.start_run(run_id=run_id):
+        info = log_and_register_encoder(export_dir, name, uri=uri)
+    client(uri).set_model_version_tag(name, info["version"], "xtra.run_id", str(run_id))
+    if run_id:  # MLflow answers again: send the steps an outage held back
+        flush_patiently(uri, run_id, Backlog(run_id), attempts=3)
+    return info
+
+
 def set_alias(name: str, version: str, alias: str, uri: str | None = None) -> None:
     """Point `models:/name@alias` at `version` (moving it from any other version)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.MlflowClient(tracking_uri=uri).set_registered_model_alias(name, alias, str(version))
+        client(uri).set_registered_model_alias(name, alias, str(version))
     except MlflowException as e:
         raise UserError(f"alias {alias!r} for models:/{name}/{version}: {e.message}") from None
 
@@ -170,33 +140,33 @@ def _find_export(root: Path, weights: str = WEIGHTS) -> Path:
     return hits[0]
 
 
-def model_version(ref: str):  # -> mlflow.entities.model_registry.ModelVersion
+def model_version(ref: str, uri: str | None = None):  # -> mlflow ModelVersion
     """The registry's version behind `models:/name/version`, `models:/name@alias` or
     `models:/name/latest`; UserError naming the reference if there is none."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     body = ref[len("models:/") :]
-    client = mlflow.MlflowClient()
+    c = client(uri)
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
+            return c.get_model_version_by_alias(name, alias)
         name, _, version = body.partition("/")
         if not version:
             raise UserError(f"model {ref!r}: give a version (models:/name/1) or alias (@champion)")
         if version == "latest":  # MLflow resolves the reserved alias to the newest version
-            return client.get_model_version_by_alias(name, "latest")
-        return client.get_model_version(name, version)
+            return c.get_model_version_by_alias(name, "latest")
+        return c.get_model_version(name, version)
     except MlflowException as e:
-        raise UserError(f"model {ref!r} not found in the registry at {redact(mlflow.get_tracking_uri())}: {redact(e.message)}") from None
+        raise UserError(f"model {ref!r} not found in the registry at {redact(uri or mlflow.get_tracking_uri())}: {redact(e.message)}") from None
 
 
 def _version_info(mv: Any, ref: str) -> dict[str, Any]:
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": ref}
 
 
-def resolve_model(ref: str) -> tuple[Path, dict[str, Any]]:
+def resolve_model(ref: str, uri: str | None = None) -> tuple[Path, dict[str, Any]]:
     """A `models:/name/version`, `models:/name@alias` or local export dir -> (export dir, info).
 
     info has the registry's name/version/run_id where the reference is a registry URI."""
@@ -209,12 +179,13 @@ def resolve_model(ref: str) -> tuple[Path, dict[str, Any]]:
         return _find_export(path), {"source": str(path)}
     import mlflow
 
-    mv = model_version(ref)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}")
+    mv = model_version(ref, uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
+                                                tracking_uri=uri, registry_uri=uri)
     return _find_export(Path(local)), _version_info(mv, ref)
 
 
-def resolve_full_model(ref: str) -> tuple[Path, dict[str, Any]]:
+def resolve_full_model(ref: str, uri: str | None = None) -> tuple[Path, dict[str, Any]]:
     """The whole XTRA (encoder, decoder, heads) behind `ref` -> (full-model export dir, info).
 
     A registered version holds only the encoder; the pretraining run that registered it keeps
@@ -236,9 +207,10 @@ def resolve_full_model(ref: str) -> tuple[Path, dict[str, Any]]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mv = model_version(ref)
+    mv = model_version(ref, uri)
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=FULL_MODEL_ARTIFACT)
+        local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=FULL_MODEL_ARTIFACT,
+                                                    tracking_uri=uri, registry_uri=uri)
     except (MlflowException, OSError) as e:
         raise UserError(
             f"model {ref!r} (version {mv.version} of {mv.name}): its run {mv.run_id} has no "
@@ -248,72 +220,23 @@ def resolve_full_model(ref: str) -> tuple[Path, dict[str, Any]]:
     return _find_export(Path(local), MODEL_WEIGHTS), _version_info(mv, ref)
 
 
-def log_full_model(uri: str, run_id: str | None, model_dir: str | Path) -> None:
-    """The full-model export (model.safetensors + config.json) as the run's `full_model/`."""
-    import mlflow
-
-    if run_id:
-        mlflow.MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(model_dir), FULL_MODEL_ARTIFACT)
-
-
-def load_encoder(ref: str) -> Encoder:
+def load_encoder(ref: str, uri: str | None = None) -> Encoder:
     """One call: the frozen encoder (eval mode) from a registry URI or a local export dir."""
-    export_dir, _ = resolve_model(ref)
+    export_dir, _ = resolve_model(ref, uri)
     return _load_weights(export_dir)
 
 
-def load_encoder_with_info(ref: str) -> tuple[Encoder, ModelConfig, dict[str, Any]]:
-    export_dir, info = resolve_model(ref)
+def load_encoder_with_info(ref: str, uri: str | None = None) -> tuple[Encoder, ModelConfig, dict[str, Any]]:
+    export_dir, info = resolve_model(ref, uri)
     return _load_weights(export_dir), load_model_config(export_dir), info
 
 
-# --------------------------------------------------------------------------- commands
-
-
-def promote(cfg: XTRAConfig, ref: str, alias: str) -> dict[str, Any]:
-    """`xtra promote`: set `alias` on the version `ref` names (models:/name/v or @other-alias)."""
-    import mlflow
-
-    if not ref.startswith("models:/"):
-        raise UserError(f"--model {ref!r}: promote takes a registered version, models:/name/version")
-    uri = tracking_uri(cfg)
-    check_tracking(uri)
-    mlflow.set_tracking_uri(uri)
-    mv = model_version(ref)
-    set_alias(mv.name, str(mv.version), alias)
+def promote(uri: str, ref: str, alias: str) -> dict[str, Any]:
+    """Set `alias` on the version `ref` names (models:/name/v or @other-alias)."""
+    mv = model_version(ref, uri)
+    set_alias(mv.name, str(mv.version), alias, uri)
     return {"name": mv.name, "version": str(mv.version), "alias": alias,
             "model_uri": f"models:/{mv.name}@{alias}"}
-
-
-def export_model(cfg: XTRAConfig, ref: str, out: str | Path, full: bool = False) -> dict[str, Any]:
-    """`xtra export`: the encoder (and with `full`, the whole XTRA) as safetensors + config.json
-    in `out`, loadable with `xtra_core.load_encoder(out)` / `xtra_core.load_model(out)`."""
-    import shutil
-
-    import mlflow
-
-    uri = tracking_uri(cfg)
-    if ref.startswith("models:/"):
-        check_tracking(uri)
-        mlflow.set_tracking_uri(uri)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: exists and is not empty; give a new directory")
-    export_dir, info = resolve_model(ref)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [CONFIG]
-    if (export_dir / WEIGHTS).exists():
-        shutil.copyfile(export_dir / WEIGHTS, out / WEIGHTS)
-    else:  # a full-model export: write the encoder's tensors on their own
-        save_encoder(load_export(export_dir).state_dict(), load_model_config(export_dir), out)
-    shutil.copyfile(export_dir / CONFIG, out / CONFIG)
-    files.append(WEIGHTS)
-    if full:
-        model_dir, _ = resolve_full_model(ref)
-        shutil.copyfile(model_dir / MODEL_WEIGHTS, out / MODEL_WEIGHTS)
-        files.append(MODEL_WEIGHTS)
-    return {"out": str(out), "files": sorted(files), **{k: v for k, v in info.items() if k != "source"},
-            "source": ref}
 
 
 def _load_weights(export_dir: Path) -> Encoder:

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking.registry import check_tracking, resolve_full_model, tracking_uri
+from pipelines.tracking import store
+from pipelines.tracking.registry import resolve_full_model
+from pipelines.tracking.runs import log_file
 from pipelines.visualize.figure4 import figure4
 from pipelines.visualize.mask import render_mask
 from pipelines.visualize.samples import pick_images, pick_split
@@ -29,13 +31,8 @@ def visualize(
 ) -> dict[str, Any]:
     """Draw the Figure-4 picture of `model_ref` on `n` images of `cfg.data.uri` into `out` (PNG)
     and, for a registered model, log it as an artifact of the run that trained it."""
-    import mlflow
-
-    if model_ref.startswith("models:/"):
-        uri = tracking_uri(cfg)
-        check_tracking(uri)
-        mlflow.set_tracking_uri(uri)
-    model_dir, info = resolve_full_model(model_ref)
+    uri = store.connect(cfg) if model_ref.startswith("models:/") else store.tracking_uri(cfg)
+    model_dir, info = resolve_full_model(model_ref, uri)
     model = load_model(model_dir)
     mean, std = normalization_of(read_meta(model_dir), cfg)
     data = copy.deepcopy(cfg.data)
@@ -46,7 +43,7 @@ def visualize(
     figure4(model, images, mean, std, out, title=f"{name} on {data.uri} ({split})")
     result: dict[str, Any] = {"out": str(out), "images": len(images), "split": split, "model": model_ref}
     if info.get("run_id"):
-        mlflow.MlflowClient().log_artifact(info["run_id"], str(out), PICTURES_ARTIFACT)
+        log_file(uri, info["run_id"], out, PICTURES_ARTIFACT)
         result.update(run_id=info["run_id"], artifact=f"{PICTURES_ARTIFACT}/{Path(out).name}")
     return result
 

@@ -31,6 +31,7 @@ from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
 
 from pipelines.data.listing import Listing
+from pipelines.tracking.runs import log_picture
 from pipelines.visualize.figure4 import figure4
 from pipelines.visualize.samples import sample_images
 from xtra_core.config import XTRAConfig, config_from_dict
@@ -96,8 +97,6 @@ class PictureRenderer:
     def _render(self, step: int, checkpoint: Checkpoint) -> dict[str, Any]:
         import tempfile
 
-        import mlflow
-
         from xtra_core.model import XTRA
 
         try:
@@ -117,8 +116,7 @@ class PictureRenderer:
         picture = figure4(model, self.images, d.mean, d.std, out_dir / name, title=title)
         record: dict[str, Any] = {"step": step, "png": str(out_dir / name)}
         if self.run_id:
-            client = mlflow.MlflowClient(tracking_uri=self.uri)
-            client.log_image(self.run_id, picture, key=IMAGE_KEY, step=step, synchronous=True)
+            log_picture(self.uri, self.run_id, picture, IMAGE_KEY, step)
             record["mlflow_key"] = IMAGE_KEY
         logger.info("picture of step %d logged", step)
         return record

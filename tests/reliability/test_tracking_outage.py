@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from pipelines.pretrain import driver as pretrain
+from pipelines.tracking import backlog
 from pipelines.tracking import runs as tracking
 from tests.reliability.conftest import make_cfg, record_figure
 from xtra_core.config import build_config
@@ -31,7 +32,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(mlflow_s
     for step in (3, 4, 5):
         tracking.log_step_metrics(mlflow_server.url, run_id, {"loss": 1.0 / step, "lr": 1e-3}, step)
     slowest = (time.perf_counter() - t0) / 3
-    assert tracking.backlog_path(run_id).exists()  # kept on disk, not only in memory
+    assert backlog.backlog_path(run_id).exists()  # kept on disk, not only in memory
     assert not tracking.finish_run(mlflow_server.url, run_id, "FINISHED", attempts=1)
     warnings = [r for r in caplog.records if r.name == "xtra.tracking" and "cannot be reached" in r.message]
     assert len(warnings) == 1  # one warning for the outage, not one per step
@@ -40,9 +41,9 @@ def test_metrics_logged_while_the_server_is_down_arrive_when_it_is_back(mlflow_s
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     assert _steps(client, run_id) == [1, 2, 3, 4, 5, 6]
     assert client.get_run(run_id).info.status == "RUNNING"  # a status waits for finish/resume
-    assert tracking.flush_backlog(mlflow_server.url, run_id)
+    assert backlog.flush_backlog(mlflow_server.url, run_id)
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert not tracking.backlog_path(run_id).exists()
+    assert not backlog.backlog_path(run_id).exists()
     record_figure("mlflow_outage_unit", seconds_per_call_while_down=round(slowest, 3))
 
 

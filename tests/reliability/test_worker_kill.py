@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines.pretrain import driver as pretrain
-from pipelines.pretrain.stream import build_train_stream
+from pipelines.pretrain.rank_streams import build_train_stream
 from tests.reliability.conftest import make_cfg, record_figure
 
 pytestmark = pytest.mark.slow

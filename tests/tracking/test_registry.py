@@ -19,7 +19,7 @@ import yaml
 
 import xtra_core
 from pipelines.cli import main as cli_main
-from pipelines.tracking import registry
+from pipelines.tracking import registry, runs
 from xtra_core.config import build_config
 from xtra_core.export import save_encoder, save_model
 from xtra_core.model import build_model
@@ -48,7 +48,7 @@ def registered(tmp_path_factory):
     exp = mlflow.MlflowClient().create_experiment("t", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
         info = registry.log_and_register_encoder(export, "enc", alias="challenger")
-    registry.log_full_model(db, run.info.run_id, full)
+    runs.log_full_model(db, run.info.run_id, full)
     return {"db": db, "model": model, "run_id": run.info.run_id, "tmp": tmp, **info}
 
 

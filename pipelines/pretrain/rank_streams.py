@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 from ray.train import DataConfig
 
-from pipelines.data import storage
 from pipelines.data.listing import Listing, list_split
 from pipelines.data.stream import build_dataset
 from xtra_core.config import XTRAConfig
@@ -135,11 +133,3 @@ class RankStreams(DataConfig):
 def build_train_stream(cfg: XTRAConfig) -> TrainStream:
     listing = list_split(cfg.data, cfg.data.train_split)
     return TrainStream(cfg, listing)
-
-
-def open_storage(storage_path: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, root path) of a run storage location, local or s3://."""
-    if storage.is_s3_uri(storage_path):
-        loc = storage.resolve(storage_path, storage.s3_settings(cfg.data))
-        return loc.filesystem, loc.path.rstrip("/")
-    return pafs.LocalFileSystem(), str(storage_path).rstrip("/")
