@@ -69,7 +69,7 @@ def smoke_config() -> ModelConfig:
 
 def full_blocks_loss(model: XTRA, x: torch.Tensor) -> torch.Tensor:
     """The product model on all K blocks (no last-block drop): an attribution rung."""
-    z = model.forward_features(x)
+    z = model.decoder_output_by_block(x)
     return model.forward_loss([h(z) for h in model.heads], model.targets(x))
 
 

@@ -5,8 +5,9 @@
 
 1. Before Ray starts: every grid point becomes a config (`tune.space.check_grid`); a value that
    cannot work is refused with the valid values named.
-2. One MLflow parent run per sweep (found again by name on a resume); each trial's pretraining
-   run is nested under it, with its probe scores; the parent gets the result table, JSON and plot.
+2. One MLflow parent run per sweep (`pipelines.tracking.sweeps`; found again by name on a
+   resume); each trial's pretraining run is nested under it, with its probe scores; the parent
+   gets the result table, JSON and plot.
 3. Ray Tune runs the trials (`tune.trial.sweep_trial`). Train V2 starts each trial's workers in
    their own placement group, outside the trial's, so the trial itself (the Train driver) asks for
    no CPU (only a little memory, Tune needs some resource) and concurrency is set from the cluster:

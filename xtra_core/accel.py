@@ -1,13 +1,12 @@
-"""Opt-in accelerations of the training step that leave its maths unchanged.
+"""Plain-PyTorch compile and bf16 autocast of the XTRA model, for measuring and testing it.
 
-- `maybe_compile(model, cfg)`: `torch.compile` of the model when `model.compile` is set (off by
-  default: on CPU the first step compiles for minutes, see benchmarks/README.md).
-- `autocast(device, bf16)`: bf16 autocast around forward + loss. Parameters, gradients and the
-  optimiser state stay fp32 (mixed precision); matmuls and attention run in bf16.
+The product's training step uses neither: it compiles through DeepSpeed's `engine.compile`
+(`model.compile`) and runs bf16 through DeepSpeed's config (`train.bf16`), see
+`pipelines/pretrain/trainer.py`. These two are what `benchmarks/train_step.py` times the model's
+own step with, and what tests/core/test_perf_features.py checks the maths against.
 
-The attention kernel (`model.attention`: "sdpa" | "flex"), activation checkpointing
-(`model.activation_checkpointing`) and dropping the never-attended last block live in `model.py`;
-the fused AdamW in `optim.py`. Each is tested equal to the plain path in tests/test_perf_features.py.
+- `maybe_compile(model, cfg)`: `torch.compile` of the model when `model.compile` is set.
+- `autocast(device, bf16)`: bf16 autocast around forward + loss (parameters stay fp32).
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ class XTRA(nn.Module):
     def layout(self) -> Layout:
         return self.encoder.layout
 
-    def forward_features(self, images: torch.Tensor, drop_last_block: bool = False) -> torch.Tensor:
+    def decoder_output_by_block(self, images: torch.Tensor, drop_last_block: bool = False) -> torch.Tensor:
         """images [B, C, H, W] -> decoder output grouped by block [B, K', k*k*Dd], model order;
         K' = K, or K - 1 with `drop_last_block` (its row predicts nothing, and under the
         block-causal mask no other token sees it, so the other rows are unchanged)."""
@@ -320,7 +320,7 @@ class XTRA(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """First head's predictions [B, K, P]: row i sees blocks 1..i+1 and predicts block i+2 (in
         the model's block order, per-block-normalised pixel space); the last row has no target."""
-        return self.heads[0](self.forward_features(images))
+        return self.heads[0](self.decoder_output_by_block(images))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """Scalar next-block reconstruction loss of normalised images [B, C, H, W].
@@ -329,7 +329,7 @@ class XTRA(nn.Module):
         cast to its weights' dtype: pass fp32 images to a bf16 model and the targets keep fp32
         precision (the reference computes them from the fp32 batch under bf16 autocast)."""
         target = self.targets(images.float())  # [B, K, P] fp32
-        z = self.forward_features(images, drop_last_block=True)  # [B, K-1, k*k*Dd]
+        z = self.decoder_output_by_block(images, drop_last_block=True)  # [B, K-1, k*k*Dd]
         return self.forward_loss([head(z).float() for head in self.heads], target)
 
     def encode(self, images: torch.Tensor, last_n: int = 1) -> torch.Tensor:

@@ -18,7 +18,7 @@ def test_bf16_model_computes_targets_from_the_fp32_images():
     loss = model.loss(images)
     assert loss.dtype == torch.float32
     with torch.no_grad():
-        z = model.forward_features(images, drop_last_block=True)  # the bf16 network's features
+        z = model.decoder_output_by_block(images, drop_last_block=True)  # the bf16 network's features
         preds = [head(z).float() for head in model.heads]
         fp32_targets = model.targets(images)
         cast_targets = model.targets(images.to(torch.bfloat16).float())

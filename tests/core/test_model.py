@@ -122,7 +122,7 @@ def test_block_major_model_equals_raster_reference(kw):
     model = make(cfg)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(x), reference_features(model, x), atol=1e-5)
+        assert torch.allclose(model.decoder_output_by_block(x), reference_features(model, x), atol=1e-5)
         assert torch.allclose(model.loss(x), reference_loss(model, x), atol=1e-6)
 
 
@@ -181,7 +181,7 @@ def test_l1_and_l2_losses_and_multi_head_average():
 def test_model_loss_uses_each_head_shifted_by_its_distance():
     model = make(small_cfg(blocks_ahead=2))
     x = torch.randn(2, 3, 16, 16)
-    z = model.forward_features(x)
+    z = model.decoder_output_by_block(x)
     t = model.targets(x)
     h0, h1 = model.heads[0](z), model.heads[1](z)
     by_hand = (((h0[:, :-1] - t[:, 1:]) ** 2).mean() + ((h1[:, :-2] - t[:, 2:]) ** 2).mean()) / 2

@@ -123,8 +123,8 @@ def test_flex_training_on_cpu_falls_back_to_sdpa_with_equal_gradients():
 def test_dropping_the_last_block_leaves_every_other_row_and_the_loss_unchanged(kw):
     model = XTRA(small_cfg(**kw)).eval()
     x = torch.randn(3, 3, 16, 16)
-    full = model.forward_features(x)  # [B, K, k*k*Dd]
-    short = model.forward_features(x, drop_last_block=True)  # [B, K-1, k*k*Dd]
+    full = model.decoder_output_by_block(x)  # [B, K, k*k*Dd]
+    short = model.decoder_output_by_block(x, drop_last_block=True)  # [B, K-1, k*k*Dd]
     assert short.shape[1] == full.shape[1] - 1
     assert torch.allclose(short, full[:, :-1], atol=1e-6)
     by_full = model.forward_loss([h(full) for h in model.heads], model.targets(x))
@@ -173,7 +173,7 @@ def test_bf16_autocast_runs_on_cpu_close_to_fp32_with_fp32_master_gradients():
     g32 = grads(model)
     model.zero_grad()
     with autocast("cpu", bf16=True):
-        z = model.forward_features(x)
+        z = model.decoder_output_by_block(x)
         loss = model.loss(x)
         pred = model.heads[0](z)
     # matmuls run in bf16 (LayerNorm outputs, like z, stay fp32 under CPU autocast); loss in fp32
@@ -185,7 +185,7 @@ def test_bf16_autocast_runs_on_cpu_close_to_fp32_with_fp32_master_gradients():
     flat16 = torch.cat([g.flatten() for g in grads(model)])
     assert F.cosine_similarity(flat32, flat16, dim=0) > 0.99
     with autocast("cpu", bf16=False):
-        assert model.forward_features(x).dtype == torch.float32
+        assert model.decoder_output_by_block(x).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- torch.compile
