@@ -78,6 +78,7 @@ CONSTRAINTS: dict[str, Any] = {
     "train.log_every": _AT_LEAST_1,
     "train.num_to_keep": _AT_LEAST_1,
     "train.max_failures": Field(ge=-1),  # -1 = restart without limit (Ray's convention)
+    "train.resource_wait_s": _NON_NEG,  # 0 = do not wait for the autoscaler
     "train.seed": _NON_NEG,
     "train.run_name": Field(pattern=RUN_NAME_PATTERN),
     "mlflow.experiment": Field(min_length=1),

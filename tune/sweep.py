@@ -211,19 +211,12 @@ def run_sweep(
         # trial output (each trial's own step lines, Ray's chatter) stays in Ray's log files
         ray.init(logging_level="WARNING", log_to_driver=opts.verbose)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    if cfg.train.cpus_per_worker is None:  # unset: one trial sized to the cluster, as pretraining does
-        from pipelines.pretrain.resources import worker_cpus
+    # one trial is judged as a run is (what the cluster can grow to; may wait for the autoscaler)
+    from pipelines.pretrain.resources import check_resources, cpus_to_grow_to
 
-        cfg.train.cpus_per_worker = worker_cpus(cfg, ray.cluster_resources())
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker + opts.decode_cpus
-    if need > cpus + 1e-9:  # the workers would hold every CPU and starve the data stream
-        raise UserError(
-            f"a trial needs {need:g} CPUs (train.num_workers={cfg.train.num_workers} x "
-            f"train.cpus_per_worker={cfg.train.cpus_per_worker:g} + --decode-cpus "
-            f"{opts.decode_cpus:g}) but the cluster has {cpus:g}: lower train.cpus_per_worker "
-            "or train.num_workers"
-        )
+    cfg.train.cpus_per_worker = check_resources(cfg, storage_path=cfg.train.storage_path,
+                                                decode_cpus=opts.decode_cpus)
+    cpus = cpus_to_grow_to()
     parallel = opts.max_concurrent or concurrency(cfg, cpus, opts.decode_cpus)
 
     parent_id = parent_run(uri, cfg, name, spec)
