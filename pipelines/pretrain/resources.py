@@ -175,7 +175,8 @@ def size_workers(cfg: XTRAConfig, nodes: Sequence[Bundle], decode_cpus: float = 
     return share if share > 0 and holds(cfg, share, nodes, decode_cpus) else None
 
 
-def refusal(cfg: XTRAConfig, nodes: Sequence[Bundle], what: str) -> UserError:
+def refusal(cfg: XTRAConfig, nodes: Sequence[Bundle], what: str,
+            decode_cpus: float = MIN_DECODE_CPUS) -> UserError:
     """The one-line error for a request that `nodes` (`what`: 'the Ray cluster', ...) cannot hold."""
     t = cfg.train
     cpus = sum(n.get("CPU", 0.0) for n in nodes)
@@ -189,7 +190,7 @@ def refusal(cfg: XTRAConfig, nodes: Sequence[Bundle], what: str) -> UserError:
     if t.cpus_per_worker is None:
         return UserError(
             f"{what} has {cpus:g} CPUs (at most {biggest:g} on one node): not enough for "
-            f"train.num_workers={t.num_workers} workers and {MIN_DECODE_CPUS:g} CPU of decoding; "
+            f"train.num_workers={t.num_workers} workers and {decode_cpus:g} CPU of decoding; "
             f"lower train.num_workers or add nodes"
         )
     if t.cpus_per_worker > biggest or (t.use_gpu and place([worker_bundle(cfg, t.cpus_per_worker)], nodes) is None):
@@ -202,7 +203,7 @@ def refusal(cfg: XTRAConfig, nodes: Sequence[Bundle], what: str) -> UserError:
     return UserError(
         f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker:g} leaves "
         f"{max(left, 0):g} of {what}'s {cpus:g} CPUs for decoding images (at least "
-        f"{MIN_DECODE_CPUS:g} needed, else the run waits forever): lower train.cpus_per_worker "
+        f"{decode_cpus:g} needed, else the run waits forever): lower train.cpus_per_worker "
         f"or train.num_workers, or leave train.cpus_per_worker unset to size it from the cluster"
     )
 
@@ -231,12 +232,12 @@ def judge(cfg: XTRAConfig, cluster: Cluster, decode_cpus: float = MIN_DECODE_CPU
     if now is not None:
         return Verdict(now, wait=False)
     if not cluster.node_types:
-        raise refusal(cfg, cluster.alive, "the Ray cluster")
+        raise refusal(cfg, cluster.alive, "the Ray cluster", decode_cpus)
     # sized for the cluster it can grow to, so that a cluster growing from zero is not sized at zero
     grown = cluster.grown()
     later = size_workers(cfg, grown, decode_cpus)
     if later is None:
-        raise refusal(cfg, grown, "the Ray cluster, with every node its autoscaler may add,")
+        raise refusal(cfg, grown, "the Ray cluster, with every node its autoscaler may add,", decode_cpus)
     return Verdict(later, wait=True)
 
 
