@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,8 +95,13 @@ def autoscaler_node_types() -> tuple[list[NodeType], int | None]:
        `get_cluster_config`: node groups with their max counts; Ray Data reads the same);
     2. the config file of the autoscaler (`--autoscaling-config` of the head's monitor process,
        for this cluster's GCS address): `ray up` clusters (~/ray_bootstrap_config.yaml) and the
-       local fake multi-node autoscaler. The driver runs on the head (`ray job submit`).
-    tests/cluster/test_autoscaling.py runs this against a real autoscaling Ray."""
+       local fake multi-node autoscaler. The driver runs on the head (`ray job submit`);
+    3. KubeRay (its autoscaler is a sidecar the head container cannot see): the RayCluster named by
+       RAY_CLUSTER_NAME / RAY_CLUSTER_NAMESPACE (set in cluster/kuberay/'s head containers), read
+       as KubeRay's autoscaler reads it (Ray's `AutoscalingConfigProducer`, the head's
+       ServiceAccount that KubeRay binds to its autoscaler role).
+    tests/cluster/test_multinode.py runs 1-2 against a real autoscaling Ray; 3 is parsed offline
+    (tests/cluster/test_resources.py) but not run against a Kubernetes API here."""
     import psutil
     import ray
     import yaml
@@ -119,6 +125,15 @@ def autoscaler_node_types() -> tuple[list[NodeType], int | None]:
             if arg.startswith("--autoscaling-config="):
                 with open(arg.split("=", 1)[1]) as f:
                     return node_types_from_config(yaml.safe_load(f) or {})
+    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    if name and namespace:
+        from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
+
+        try:
+            return node_types_from_config(AutoscalingConfigProducer(name, namespace)())
+        except Exception as e:  # noqa: BLE001 - no RBAC / API: judged on the alive nodes
+            log.warning("could not read RayCluster %s/%s for its autoscaler's node types: %s",
+                        namespace, name, e)
     return [], None
 
 
@@ -241,13 +256,13 @@ def judge(cfg: XTRAConfig, cluster: Cluster, decode_cpus: float = MIN_DECODE_CPU
     return Verdict(later, wait=True)
 
 
-def missing(cfg: XTRAConfig, cpus: float, alive: Sequence[Bundle]) -> str:
+def missing(cfg: XTRAConfig, cpus: float, alive: Sequence[Bundle], decode_cpus: float = MIN_DECODE_CPUS) -> str:
     have_cpu = sum(n.get("CPU", 0.0) for n in alive)
     have_gpu = sum(n.get("GPU", 0.0) for n in alive)
-    need_cpu = cfg.train.num_workers * cpus + MIN_DECODE_CPUS
+    need_cpu = cfg.train.num_workers * cpus + decode_cpus
     text = f"{cfg.train.num_workers} workers x {cpus:g} CPU"
     text += " + 1 GPU" if cfg.train.use_gpu else ""
-    text += f" and {MIN_DECODE_CPUS:g} CPU of decoding (alive nodes: {have_cpu:g} of {need_cpu:g} CPUs"
+    text += f" and {decode_cpus:g} CPU of decoding (alive nodes: {have_cpu:g} of {need_cpu:g} CPUs"
     text += f", {have_gpu:g} of {cfg.train.num_workers} GPUs)" if cfg.train.use_gpu else ")"
     return text
 
@@ -272,11 +287,14 @@ def check_resources(
     a cluster of more than one node gets one warning (every node must reach it). `decode_cpus`:
     CPUs the workers must leave free (a sweep's `--decode-cpus`). `request`: asks the autoscaler
     for bundles (default: Ray's `ray.autoscaler.sdk.request_resources`)."""
+    autoscaler: list[tuple[list[NodeType], int | None]] = []
+
     def read() -> Cluster:
         if cluster is not None:
             return cluster()
-        types, cap = autoscaler_node_types()
-        return Cluster(alive_nodes(), types, cap)
+        if not autoscaler:  # the node types are read once; the alive nodes every poll
+            autoscaler.append(autoscaler_node_types())
+        return Cluster(alive_nodes(), *autoscaler[0])
 
     state = read()
     if storage_path and "://" not in storage_path and (len(state.alive) > 1 or state.node_types):
@@ -297,21 +315,21 @@ def check_resources(
     bundles = [worker_bundle(cfg, per_worker)] * cfg.train.num_workers + [{"CPU": decode_cpus}]
     request(bundles)  # the autoscaler starts nodes for these now
     start = last = time.monotonic()
-    say(f"[xtra] waiting for the autoscaler to add nodes for {missing(cfg, per_worker, state.alive)}; "
+    say(f"[xtra] waiting for the autoscaler to add nodes for {missing(cfg, per_worker, state.alive, decode_cpus)}; "
         f"up to train.resource_wait_s={limit:g} s")
     try:
         while not holds(cfg, per_worker, state.alive, decode_cpus):
             waited = time.monotonic() - start
             if waited >= limit:
                 raise UserError(
-                    f"the autoscaler added no room for {missing(cfg, per_worker, state.alive)} "
+                    f"the autoscaler added no room for {missing(cfg, per_worker, state.alive, decode_cpus)} "
                     f"within train.resource_wait_s={limit:g} s: raise train.resource_wait_s, lower "
                     "train.num_workers or train.cpus_per_worker, or see `ray status` for why no node started"
                 )
             if time.monotonic() - last >= STATUS_EVERY_S:
                 last = time.monotonic()
                 say(f"[xtra] still waiting for nodes ({waited:.0f} s of {limit:g} s): "
-                    f"{missing(cfg, per_worker, state.alive)}")
+                    f"{missing(cfg, per_worker, state.alive, decode_cpus)}")
             time.sleep(min(POLL_S, max(0.0, limit - waited)))
             state = read()
     finally:

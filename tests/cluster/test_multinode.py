@@ -140,7 +140,7 @@ def spread_cluster(aws_test_env, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp = tempfile.mkdtemp(prefix="xmn")
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "port": free_port(), "temp_dir": temp, "include_dashboard": False})
+        "num_cpus": 0, "gcs_server_port": free_port(), "temp_dir": temp, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
     try:

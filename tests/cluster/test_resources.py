@@ -117,3 +117,18 @@ def test_a_local_storage_path_on_several_nodes_warns_once_naming_s3_and_shared_m
                         storage_path="/tmp/runs")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "s3://" in warnings[0] and "NFS/EFS/FSx" in warnings[0]
+
+
+def test_kuberay_node_types_as_its_autoscaler_derives_them_from_the_raycluster():
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    docs = list(yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text()))
+    (cr,) = [d for d in docs if d and d["kind"] == "RayCluster"]
+    cr["metadata"]["namespace"] = "ml"
+    types, cap = node_types_from_config(_derive_autoscaling_config_from_ray_cr(cr))
+    by_name = {t.name: t for t in types}
+    assert by_name["gpu-h14"].max_workers == 4 and by_name["gpu-h14"].resources["GPU"] == 8
+    head = [{"CPU": 0.0}]  # num-cpus: "0"
+    assert judge(load_config("vit_h14_in21k", []), Cluster(head, types, cap)).wait  # 32 GPUs: wait
