@@ -192,24 +192,23 @@ def test_ranks_on_two_nodes_with_s3_storage_survive_losing_a_node(
 
         cfg = build_config("tiny", None, {"data.s3_endpoint": s3_server.endpoint})
         lost: dict[str, object] = {}
-
-        def remove_a_ranks_node() -> None:
-            deadline = time.time() + 900
-            while time.time() < deadline and latest_checkpoint_step(f"s3://{bucket}/runs", "node-loss", cfg) < every:
-                time.sleep(0.2)
-            workers = train_worker_nodes(cluster)
-            if not workers:
-                return
-            node = next(iter(workers.values()))
-            lost["t"] = time.time()
-            cluster.remove_node(node, allow_graceful=False)
-            cluster.add_node(num_cpus=1)  # a replacement, as an autoscaler would start
-
-        killer = threading.Thread(target=remove_a_ranks_node, daemon=True)
         run = pretrain(fmnist, sets(tmp_path, "node-loss", **common, **{"train.max_failures": 2}), env)
-        killer.start()
-        out, _ = run.communicate(timeout=1200)
-        killer.join(timeout=30)
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(run.stdout), daemon=True)
+        reader.start()
+        # in this thread: Ray's Node sets signal handlers, which only the main thread may
+        deadline = time.time() + 900
+        while run.poll() is None and time.time() < deadline and \
+                latest_checkpoint_step(f"s3://{bucket}/runs", "node-loss", cfg) < every:
+            time.sleep(0.2)
+        workers = train_worker_nodes(cluster)
+        if workers and run.poll() is None:
+            lost["t"] = time.time()
+            cluster.remove_node(next(iter(workers.values())), allow_graceful=False)
+            cluster.add_node(num_cpus=1)  # a replacement, as an autoscaler would start
+        run.wait(timeout=1200)
+        reader.join(timeout=30)
+        out = "".join(output)
         assert "t" in lost, "the test removed no node"
         assert run.returncode == 0, out[-4000:]
         (lost_run,) = client.search_runs(client.get_experiment_by_name("multinode").experiment_id,
