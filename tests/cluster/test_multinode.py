@@ -221,8 +221,9 @@ def test_ranks_on_two_nodes_with_s3_storage_survive_losing_a_node(
         assert sorted(loss) == list(range(1, steps + 1))
         for step in loss:  # same weights + same images on other nodes -> the same loss
             assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4), (step, loss, ref_loss)
-        after = [m.timestamp / 1000 for m in history if m.timestamp / 1000 > lost["t"] and m.step > restart]
-        back_s = min(after) - lost["t"]
+        # the first report of the restarted group is the first that carries resumed_from_step=restart
+        # (a step the lost group finished just after the removal is logged too, with 0)
+        back_s = min(m.timestamp for m in resumed if int(m.value) == restart) / 1000 - lost["t"]
         record_figure("node_loss", resumed_from_step=restart, steps_redone=redone, checkpoint_every=every,
                       seconds_to_first_step_after=round(back_s, 1),
                       steps_matching_uninterrupted=f"{len(loss)}/{steps}")
