@@ -1,9 +1,10 @@
 """The reliability table of the README: runs the fault tests (tests/reliability, real Ray, DeepSpeed,
 MLflow server, S3 server) and prints one row per fault with the figure each test measured.
 
-    python -m benchmarks.reliability            # all fault tests (~20-40 min on 2 shared cores)
+    python -m benchmarks.reliability            # all fault tests (~25-45 min on 2 shared cores)
     python -m benchmarks.reliability -k sigkill  # a subset (pytest -k); other rows keep their last figures
 
+The multi-node ones (node loss, autoscaling from zero) are tests/cluster/test_multinode.py.
 Each test appends its figures to a JSON-lines file (`XTRA_RELIABILITY_FIGURES`); this script runs
 pytest with that file set, then prints the table (markdown, pasted into the README's "Reliability
 and security" section) and writes `benchmarks/results/reliability.json`.
@@ -46,6 +47,14 @@ ROWS = {
                                 "refused: {refused}; payload ran: {code_ran}"),
     "malicious_pickle_registry": ("pickle in place of the registry's pyfunc wrapper (`load_encoder`)",
                                   "weights loaded from safetensors; payload ran: {code_ran}"),
+    "node_loss": ("a rank's node removed after the first checkpoint, a new node added (2 ranks on 2 "
+                  "nodes, s3:// storage, MLflow server)",
+                  "resumed from {resumed_from_step}: {steps_redone} step(s) redone (interval "
+                  "{checkpoint_every}); first step {seconds_to_first_step_after} s after the loss; "
+                  "losses equal to the uninterrupted run {steps_matching_uninterrupted}"),
+    "autoscale_from_zero": ("a run on a head with 0 CPUs + an autoscaler of 2-CPU nodes (0 to 2)",
+                            "first step {seconds_to_first_step} s after submission; a request over "
+                            "the autoscaler's maximum refused in {over_max_refused_s} s"),
 }
 
 
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d, "figures.jsonl")
         path.touch()
-        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/reliability"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/reliability",
+               "tests/cluster/test_multinode.py"]
         if args.k:
             cmd += ["-k", args.k]
         t0 = time.time()

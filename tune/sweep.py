@@ -242,25 +242,14 @@ def start_ray(verbose: bool) -> None:
 
 
 def trials_at_once(cfg: XTRAConfig, opts: SweepOptions) -> int:
-    """`--max-concurrent`, else as many trials as the cluster's CPUs hold (`concurrency`);
-    `train.cpus_per_worker` unset is sized as pretraining does. A trial that does not fit the
-    cluster is refused."""
-    import ray
+    """`--max-concurrent`, else as many trials as the cluster can grow to hold (`concurrency`).
+    One trial is judged as a run is (what the cluster can grow to; it may wait for the
+    autoscaler); `train.cpus_per_worker` unset is sized as pretraining does."""
+    from pipelines.pretrain.resources import check_resources, cpus_to_grow_to
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    if cfg.train.cpus_per_worker is None:  # unset: one trial sized to the cluster, as pretraining does
-        from pipelines.pretrain.resources import worker_cpus
-
-        cfg.train.cpus_per_worker = worker_cpus(cfg, ray.cluster_resources())
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker + opts.decode_cpus
-    if need > cpus + 1e-9:  # the workers would hold every CPU and starve the data stream
-        raise UserError(
-            f"a trial needs {need:g} CPUs (train.num_workers={cfg.train.num_workers} x "
-            f"train.cpus_per_worker={cfg.train.cpus_per_worker:g} + --decode-cpus "
-            f"{opts.decode_cpus:g}) but the cluster has {cpus:g}: lower train.cpus_per_worker "
-            "or train.num_workers"
-        )
-    return opts.max_concurrent or concurrency(cfg, cpus, opts.decode_cpus)
+    cfg.train.cpus_per_worker = check_resources(cfg, storage_path=cfg.train.storage_path,
+                                                decode_cpus=opts.decode_cpus)
+    return opts.max_concurrent or concurrency(cfg, cpus_to_grow_to(), opts.decode_cpus)
 
 
 def build_tuner(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, trial_spec: SweepSpec,
@@ -271,6 +260,7 @@ def build_tuner(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, trial_spec
 
     from tune.progress import TrialEvents
     from tune.trial import sweep_trial
+
 
     # the trial is the Train driver: no CPU of its own (its workers get their own placement group)
     trainable = ray_tune.with_resources(

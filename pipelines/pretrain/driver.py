@@ -14,7 +14,7 @@ stream restarts at the checkpoint's image row, so the run continues as if never 
 `train.max_failures` lets Ray restart a failed worker group automatically from the latest checkpoint.
 
 Before the fit the driver checks what cannot work: the tracking server, the dataset listing, the
-resources (`resources.worker_cpus`: sized from the cluster when `train.cpus_per_worker` is unset),
+resources (`resources.check_resources`: judged against what the cluster can grow to),
 and a resumed run's config against its checkpoint's (`checkpoints.check_resume_config`).
 At the end it consolidates the full-precision encoder from the final checkpoint (ZeRO shards
 included), exports it (safetensors + config, re-read and compared) and registers it in the MLflow
@@ -59,7 +59,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
-from pipelines.pretrain.resources import worker_cpus
+from pipelines.pretrain.resources import check_resources
 from pipelines.pretrain.trainer import deepspeed_config  # noqa: F401 - re-exported
 from pipelines.pretrain.worker import train_loop_per_worker
 from pipelines.tracking import registry, store
@@ -99,7 +99,7 @@ def run_pretraining(
         ray.init(**console.ray_init_kwargs())
     console.quiet_ray_data()  # the driver prints one status line per report
     # resources and the checkpoint's config are checked before anything is started or logged
-    cfg.train.cpus_per_worker = worker_cpus(cfg, ray.cluster_resources())
+    cfg.train.cpus_per_worker = check_resources(cfg, storage_path=storage)  # may wait for the autoscaler
     start_step, state = latest_checkpoint(storage, run_name, cfg)
     changed = check_resume_config(cfg, state)
     if changed:

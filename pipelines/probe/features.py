@@ -71,7 +71,9 @@ def _inference(
 
     base = listings[0]
     both = dataclasses.replace(base, table=pa.concat_tables([lst.table for lst in listings]))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    from pipelines.pretrain.resources import cpus_to_grow_to
+
+    cpus = int(cpus_to_grow_to())  # an autoscaling cluster may start at zero CPUs
     ds = eval_stream(cfg, both).map_batches(
         EncoderInference,
         fn_constructor_kwargs={

@@ -125,6 +125,7 @@ RANGES: dict[str, Range] = {
     "train.log_every": _AT_LEAST_1,
     "train.num_to_keep": _AT_LEAST_1,
     "train.max_failures": Range(ge=-1),  # -1 = restart without limit (Ray's convention)
+    "train.resource_wait_s": _NON_NEG,  # 0 = do not wait for the autoscaler
     "train.seed": _NON_NEG,
     "train.run_name": Range(pattern=RUN_NAME_PATTERN),
     "train.visualize_every": _NON_NEG,  # 0 = off

@@ -165,6 +165,7 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps
     num_to_keep: int | None = 2  # checkpoints kept in storage
     max_failures: int = 0  # Ray restarts the worker group this many times
+    resource_wait_s: float = 1800.0  # how long to wait for an autoscaler to add the nodes a run needs
     seed: int = 0
     run_name: str | None = None  # same name + storage_path resumes
     storage_path: str | None = None  # local dir or s3://; default ~/xtra_runs
