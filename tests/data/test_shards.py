@@ -187,7 +187,7 @@ def make_bad_shard(split_root: str) -> dict[str, str]:
             info.size = len(data)
             tar.addfile(info, __import__("io").BytesIO(data))
     shards.index_split(resolve(split_root))
-    return {"trunc.jpg": "cannot decode", "text.txt": "no image member", "nolabel.jpg": "no .cls member"}
+    return {"trunc.jpg": "runcated", "text.txt": "no image member", "nolabel.jpg": "no .cls member"}
 
 
 def test_listing_marks_samples_without_an_image_or_a_cls(tmp_path) -> None:
@@ -224,14 +224,13 @@ def test_s3_shards_round_trip_and_inspect_counts_equal_the_folders(
     upload(s3_server, bucket, "src", files)
     dest = f"s3://{bucket}/shards"
     prepare(src, dest, shard_size=5, s3_endpoint=s3_server.endpoint)
-    for split in ("train", "test"):
-        got = sample_bytes(dest, split, s3_endpoint=s3_server.endpoint)
-        want = source_bytes({k: v for k, v in good_dataset().items()}, split)
-        assert got == want
+    decodable = {k: v for k, v in files.items() if not k.endswith(("empty.jpg", "truncated.jpg", "text.png"))}
+    for split in ("train", "test"):  # (the "bomb" is under the default pixel limit: a good image)
+        assert sample_bytes(dest, split, s3_endpoint=s3_server.endpoint) == source_bytes(decodable, split)
     folder = inspect(src, s3_server.endpoint)
     sharded = inspect(dest, s3_server.endpoint)
     assert sharded == folder
-    assert folder["images"] == 16 and len(folder["bad_files"]) == 4
+    assert folder["images"] == 17 and len(folder["bad_files"]) == 3
 
 
 @pytest.mark.slow
@@ -266,21 +265,36 @@ def test_rank_streams_are_deterministic_and_a_resume_sees_the_uninterrupted_samp
 def test_bad_samples_are_counted_named_and_shift_no_other_row(ray_cluster, tmp_path) -> None:
     from pipelines.data.stream import bad_file_counter, build_dataset
 
-    wrong = make_bad_shard(str(tmp_path / "train"))
-    data = DataConfig(uri=str(tmp_path), max_bad_fraction=1.0)
-    listing = list_split(data, "train")
+    wrong = make_bad_shard(str(tmp_path / "bad" / "train"))
+    data = DataConfig(uri=str(tmp_path / "bad"), max_bad_fraction=1.0)
     counter = bad_file_counter()
-    paths, _ = rows(build_dataset(data, SIZE, "train", 0, train=True, listing=listing,
-                                  bad_files=counter, with_paths=True))
-    base = f"{tmp_path}/train/shard-000000.tar#"
-    # 4 samples, 3 bad: rows after the good one in the window are dropped, those before it filled
-    assert set(paths) == {base + "good.jpg"}
+    paths, _ = rows(build_dataset(data, SIZE, "train", 0, train=False, bad_files=counter, with_paths=True))
+    base = f"{tmp_path}/bad/train/shard-000000.tar#"
+    assert paths == [base + "good.jpg"]
     summary = ray.get(counter.summary.remote())
     assert set(summary["files"]) == {base + m for m in wrong}
     for member, why in wrong.items():
         assert why in summary["files"][base + member]
-    evaluation = rows(build_dataset(data, SIZE, "train", 0, train=False, listing=listing, with_paths=True))
-    assert evaluation[0] == [base + "good.jpg"]  # evaluation drops bad samples
+
+    # a sample damaged in place (same size): in training its row goes to the next sample, the
+    # other rows are those of the intact shards
+    src, dest = str(tmp_path / "src"), str(tmp_path / "shards")
+    write_tree(src, distinct_dataset(16, 2))
+    prepare(src, dest, shard_size=8)
+    data = DataConfig(uri=dest, max_bad_fraction=1.0)
+    listing = list_split(data, "train")
+    intact, _ = rows(build_dataset(data, SIZE, "train", 0, train=True, listing=listing, with_paths=True))
+    victim = intact[5]
+    row = listing.table.column("path").to_pylist().index(victim)
+    shard, offset = listing.table.column("shard")[row].as_py(), listing.table.column("offset")[row].as_py()
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(b"GARBAGE!")
+    counter = bad_file_counter()
+    damaged, _ = rows(build_dataset(data, SIZE, "train", 0, train=True, listing=listing,
+                                    bad_files=counter, with_paths=True))
+    assert damaged == intact[:5] + [intact[6]] + intact[6:]
+    assert list(ray.get(counter.summary.remote())["files"]) == [victim]
 
 
 @pytest.mark.slow
