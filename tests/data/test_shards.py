@@ -330,3 +330,26 @@ def test_every_split_of_a_shard_dataset_is_listed(tmp_path) -> None:
     assert {s: len(v) for s, v in splits.items()} == {"train": 8, "test": 2}
     assert Counter(splits["train"].table.column("label").to_pylist()) == {0: 4, 1: 4}
     assert splits["train"].classes == ("ant", "bee")
+
+
+@pytest.mark.slow
+def test_pretrain_and_linear_probe_from_shards_through_the_cli(ray_cluster, tmp_path, capsys) -> None:
+    from pipelines.cli import main
+    from tests.small_run import small_sets
+
+    data = str(tmp_path / "fm-shards")
+    assert main(["data", "prepare", "--source", "fashion-mnist", "--dest", data, "--limit", "64",
+                 "--format", "shards", "--shard-size", "16"]) == 0
+    assert sorted(os.listdir(f"{data}/train")) == [
+        "index.json", "samples.parquet", *(f"shard-00000{i}.tar" for i in range(4))]
+    sets = small_sets(tmp_path, data, "shards", **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}")]
+    capsys.readouterr()
+    assert main(["pretrain", *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["probe", "--model", out["export_dir"], "--data", data, "--kind", "linear",
+                 "--set", f"mlflow.tracking_uri={sets['mlflow.tracking_uri']}",
+                 "--set", "probe.linear_weight_decays=[0.01]"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kind"] == "linear" and result["n_test"] == 64
+    assert result["n_train"] + result["n_val"] == 64 and result["num_classes"] == 10
