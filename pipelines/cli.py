@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a dataset as class folders <dest>/<split>/<class>/*.png, or as WebDataset shards",
     )
     prep.add_argument(
-        "--source", required=True, help="'fashion-mnist' (Debian package files) or an image folder"
+        "--source", required=True, help="'fashion-mnist' (Debian package files), an image folder or a manifest .csv/.parquet"
     )
     prep.add_argument("--dest", required=True, help="local directory or s3://bucket/prefix")
     prep.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")

@@ -1,6 +1,8 @@
 """`xtra data prepare` and `xtra data inspect`.
 
-prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<name>` (local or S3).
+prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<name>` (local or S3),
+  or with `shard_size` (`--format shards`) as WebDataset shards (`pipelines.data.shards`: the
+  source files' own bytes, in a seeded random order, `shard_size` per shard; resumable).
   `--source fashion-mnist` reads Debian's `dataset-fashion-mnist` idx files
   (`/usr/share/datasets/fashion-mnist/`, or `$XTRA_FASHION_MNIST_DIR`) into 28x28 grayscale PNGs
   under class folders `0_t-shirt_top` .. `9_ankle_boot` (sorted names = the original label order).
@@ -14,7 +16,8 @@ prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<nam
 inspect: decode every file through the pipeline (`pipelines.data`, evaluation transform) on Ray and
   print one JSON object on stdout: `images` (good images), `per_class` (class -> good images, over
   all splits), `bad_files` (sorted URIs, unreadable files included), and `splits` (split -> good
-  images; "" for a root without splits).
+  images; "" for a root without splits). For shards, `bad_files` also lists the source files that
+  `prepare` skipped (from the index), so it equals the report on the source folder.
 """
 
 from __future__ import annotations
