@@ -58,15 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare or inspect an image dataset")
     dsub = data.add_subparsers(dest="data_command", required=True)
     prep = dsub.add_parser(
-        "prepare", help="write a dataset in the class-folder layout <dest>/<split>/<class>/*.png"
+        "prepare",
+        help="write a dataset as class folders <dest>/<split>/<class>/*.png, or as WebDataset shards",
     )
     prep.add_argument(
-        "--source", required=True, help="'fashion-mnist' (Debian package files) or an image folder"
+        "--source", required=True, help="'fashion-mnist' (Debian package files), an image folder or a manifest .csv/.parquet"
     )
     prep.add_argument("--dest", required=True, help="local directory or s3://bucket/prefix")
     prep.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     prep.add_argument(
         "--limit", type=int, default=None, help="at most this many images per split (seeded)"
+    )
+    prep.add_argument(
+        "--format", choices=("folders", "shards"), default="folders",
+        help="folders: <dest>/<split>/<class>/<file>; shards: <dest>/<split>/shard-000000.tar ... "
+        "(WebDataset tar, the original bytes + <key>.cls) with index.json, and <dest>/classes.json",
+    )
+    prep.add_argument(
+        "--shard-size", type=int, default=1000, help="images per shard with --format shards (default 1000)"
     )
     _add_verbose(prep)
     prep.set_defaults(func=_run_data_prepare)
@@ -214,7 +223,8 @@ def _load(args: argparse.Namespace):
 def _run_data_prepare(args: argparse.Namespace) -> int:
     from pipelines.data.commands import prepare
 
-    prepare(args.source, args.dest, args.s3_endpoint, args.limit)
+    shard_size = args.shard_size if args.format == "shards" else None
+    prepare(args.source, args.dest, args.s3_endpoint, args.limit, shard_size)
     return 0
 
 

@@ -1,6 +1,8 @@
 """`xtra data prepare` and `xtra data inspect`.
 
-prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<name>` (local or S3).
+prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<name>` (local or S3),
+  or with `shard_size` (`--format shards`) as WebDataset shards (`pipelines.data.shards`: the
+  source files' own bytes, in a seeded random order, `shard_size` per shard; resumable).
   `--source fashion-mnist` reads Debian's `dataset-fashion-mnist` idx files
   (`/usr/share/datasets/fashion-mnist/`, or `$XTRA_FASHION_MNIST_DIR`) into 28x28 grayscale PNGs
   under class folders `0_t-shirt_top` .. `9_ankle_boot` (sorted names = the original label order).
@@ -14,7 +16,8 @@ prepare: write a dataset in the class-folder layout `<dest>/<split>/<class>/<nam
 inspect: decode every file through the pipeline (`pipelines.data`, evaluation transform) on Ray and
   print one JSON object on stdout: `images` (good images), `per_class` (class -> good images, over
   all splits), `bad_files` (sorted URIs, unreadable files included), and `splits` (split -> good
-  images; "" for a root without splits).
+  images; "" for a root without splits). For shards, `bad_files` also lists the source files that
+  `prepare` skipped (from the index), so it equals the report on the source folder.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from pipelines import console
+from pipelines.data import shards
 from pipelines.data.images import BadImage, decode
 from pipelines.data.listing import Listing, list_every_split
 from pipelines.data.storage import (
@@ -73,20 +77,30 @@ WRITE_THREADS = 8
 
 
 def prepare(
-    source: str, dest_uri: str, s3_endpoint: str | None = None, limit: int | None = None
+    source: str,
+    dest_uri: str,
+    s3_endpoint: str | None = None,
+    limit: int | None = None,
+    shard_size: int | None = None,
 ) -> dict[str, int]:
     """Write `source` ('fashion-mnist' or an image folder) to `dest_uri` in the class-folder
-    layout; returns images written per split."""
+    layout, or as WebDataset shards of `shard_size` samples (`pipelines.data.shards`); returns
+    images written per split."""
     from xtra_core.config import DataConfig
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give a positive number of images per split")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: give a positive number of images per shard")
     dest = resolve(dest_uri, s3_settings(DataConfig(s3_endpoint=s3_endpoint)))
     if dest.is_s3:  # fail before any work: the bucket must exist and be reachable
         bucket = dest.path.split("/", 1)[0]
         if file_info(Location(dest.store, bucket, f"s3://{bucket}")).type == pafs.FileType.NotFound:
             raise UserError(f"{dest_uri}: the bucket s3://{bucket} does not exist")
-    if source == "fashion-mnist":
+    if shard_size is not None:
+        written, bad = _prepare_shards(source, DataConfig(uri=source, s3_endpoint=s3_endpoint), dest,
+                                       limit, shard_size)
+    elif source == "fashion-mnist":
         written, bad = _prepare_fashion_mnist(dest, limit), 0
     else:
         written, bad = _prepare_folder(DataConfig(uri=source, s3_endpoint=s3_endpoint), dest, limit)
@@ -201,6 +215,95 @@ def _prepare_folder(src_cfg: DataConfig, dest: Location, limit: int | None) -> t
     return written, bad_total
 
 
+def _prepare_shards(
+    source: str, src_cfg: DataConfig, dest: Location, limit: int | None, shard_size: int
+) -> tuple[dict[str, int], int]:
+    """Every split of `source` as shards under `dest` (`pipelines.data.shards.write_split`), the
+    files in a seeded random order; `classes.json` at the top."""
+    splits = _fashion_mnist_items(limit) if source == "fashion-mnist" else _folder_items(src_cfg, limit)
+    written: dict[str, int] = {}
+    bad_total = 0
+    classes: tuple[str, ...] = ()
+    for split, (items, split_classes) in splits.items():
+        classes = classes or split_classes
+        order = np.random.default_rng(PREPARE_SEED).permutation(len(items))
+        written[split], skipped = shards.write_split(dest, split, [items[i] for i in order], shard_size)
+        bad_total += len(skipped)
+    shards.write_classes(dest, classes)
+    return written, bad_total
+
+
+def _fashion_mnist_items(limit: int | None) -> dict[str, tuple[list[shards.SourceItem], tuple[str, ...]]]:
+    src = os.environ.get("XTRA_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+    out = {}
+    for split, stem in FASHION_MNIST_FILES.items():
+        images_path = os.path.join(src, f"{stem}-images-idx3-ubyte.gz")
+        if not os.path.exists(images_path):
+            raise UserError(
+                f"{images_path}: missing; install the Debian package dataset-fashion-mnist "
+                "(or set XTRA_FASHION_MNIST_DIR)"
+            )
+        images = read_idx(images_path)
+        labels = read_idx(os.path.join(src, f"{stem}-labels-idx1-ubyte.gz"))
+        if len(images) != len(labels):
+            raise UserError(f"{images_path}: {len(images)} images but {len(labels)} labels")
+        out[split] = ([
+            shards.SourceItem(
+                key=f"{FASHION_MNIST_CLASSES[labels[i]]}/{split}_{i:05d}", ext="png", label=int(labels[i]),
+                uri=f"{images_path}[{i}]", fetch=lambda i=i, images=images: _png(images[i]),
+            )
+            for i in _subsample(len(images), limit)
+        ], FASHION_MNIST_CLASSES)
+    return out
+
+
+def _folder_items(
+    src_cfg: DataConfig, limit: int | None
+) -> dict[str, tuple[list[shards.SourceItem], tuple[str, ...]]]:
+    """The files of every split of a folder or manifest as shard items: key `<class>/<stem>`
+    (dots of the stem become `_`, WebDataset's key ends at the first dot), the file's own
+    extension and bytes; a file that does not decode is a bad file (`BadImage`)."""
+    out = {}
+    for split, listing in list_every_split(src_cfg).items():
+        paths = listing.table.column("path").to_pylist()
+        labels = listing.table.column("label").to_numpy()
+        sizes = listing.table.column("size").to_pylist()
+        seen: set[str] = set()
+        items = []
+        for i in _subsample(len(listing), limit):
+            stem, ext = posixpath.splitext(posixpath.basename(paths[i]))
+            stem = stem.replace(".", "_") or "_"
+            folder = "" if labels[i] < 0 else listing.class_name(int(labels[i])).replace(".", "_") + "/"
+            key, k = f"{folder}{stem}", 1
+            while key in seen:
+                key, k = f"{folder}{stem}_{k}", k + 1
+            seen.add(key)
+            uri = listing.store.uri_of(paths[i])
+            items.append(shards.SourceItem(
+                key=key, ext=ext.lstrip(".").lower(), label=int(labels[i]), uri=uri,
+                fetch=lambda listing=listing, i=i, size=sizes[i], uri=uri: _checked_bytes(
+                    listing, i, size, uri, src_cfg),
+            ))
+        out[split or "train"] = (items, listing.classes)
+    return out
+
+
+def _checked_bytes(listing: Listing, row: int, size: int | None, uri: str, cfg: DataConfig) -> bytes:
+    """A source file's bytes if they decode (BadImage otherwise); a read error stops, naming it."""
+    limit_bytes = cfg.max_image_bytes
+    if (size or 0) > limit_bytes:
+        raise BadImage(f"file over data.max_image_bytes={limit_bytes}")
+    path = listing.table.column("path")[row].as_py()
+    try:
+        content = read_bytes(listing.filesystem, path, limit_bytes)
+    except (OSError, ValueError) as e:  # after the storage's retries: stop, naming it
+        raise storage_error(Location(listing.store, path, uri), e) from None
+    if len(content) > limit_bytes:
+        raise BadImage(f"file over data.max_image_bytes={limit_bytes}")
+    decode(content, cfg.max_image_pixels)
+    return content
+
+
 def _dest_names(
     listing: Listing, paths: list[str], labels: np.ndarray, keep: np.ndarray, split: str
 ) -> list[str]:
@@ -293,6 +396,8 @@ def inspect(uri: str, s3_endpoint: str | None = None) -> dict[str, Any]:
                 name = listing.class_name(k)
                 per_class[name] = per_class.get(name, 0) + n
         summary = ray.get(counter.summary.remote())
+        for listing in splits.values():  # bad source files left out when the shards were written
+            summary["files"].update(listing.skipped)
     finally:
         if started:
             ray.shutdown()

@@ -1,6 +1,6 @@
 """Which files make up a split, and their labels: metadata only, no image is opened here.
 
-Two layouts, on S3 or a local directory (`data.uri`):
+Three layouts, on S3 or a local directory (`data.uri`):
 
 - class folders (ImageNet style): `<uri>/<split>/<class>/<name>.<ext>`; the class is the first folder
   below the split (deeper folders belong to it). Files directly in `<uri>/<split>/` are unlabelled
@@ -14,6 +14,10 @@ Two layouts, on S3 or a local directory (`data.uri`):
   below the manifest's folder (`../x` that climbs out is refused); absolute paths and `s3://` URIs
   are how a manifest points elsewhere on purpose.
 
+- shards (`xtra data prepare --format shards`): `<uri>/<split>/shard-000000.tar` ... with
+  `<uri>/<split>/index.json` (how a split is recognised) and `<uri>/classes.json`; one row per sample
+  (`pipelines.data.shards`: `path` = `<shard path>#<member>`, plus `shard`, `offset`, `problem`).
+
 Class index: class names sorted, taken from both the train and the test split (class folders or
 manifest labels), so that one class has the same index in every split. Rows are sorted by path
 (class folders) or kept in manifest order, so a listing is deterministic.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import io
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.data import shards
 from pipelines.data.storage import (
     Location,
     S3Settings,
@@ -41,6 +46,7 @@ from pipelines.data.storage import (
     is_s3_uri,
     list_dirs,
     list_files,
+    read_bytes,
     read_manifest_bytes,
     resolve,
     s3_settings,
@@ -63,13 +69,16 @@ class Listing:
 
     table: columns `path` (string, a path in `store`), `label` (int64, -1 = unlabelled) and
     `size` (int64 bytes from the listing; null when unknown, as for manifest rows), one row per
-    file. `classes[i]` is the name of label i (empty for integer manifest labels).
+    file. `classes[i]` is the name of label i (empty for integer manifest labels). A split written
+    as shards has one row per sample and the columns `shard`, `offset`, `problem` too
+    (`pipelines.data.shards`); `skipped` then names the source's bad files left out of the shards.
     """
 
     uri: str
     store: Store
     table: pa.Table
     classes: tuple[str, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # {source uri: reason}, shards only
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -82,6 +91,21 @@ class Listing:
         """Files per class name (`str(label)` when there are no names, `unlabelled` for -1)."""
         labels, counts = np.unique(self.table.column("label").to_numpy(), return_counts=True)
         return {self.class_name(int(k)): int(n) for k, n in zip(labels, counts)}
+
+    @property
+    def is_sharded(self) -> bool:
+        return shards.is_sharded(self.table)
+
+    def read(self, row: int) -> bytes:
+        """The encoded bytes of row `row` (a file, or a sample inside its shard)."""
+        if self.is_sharded:
+            t = self.table.slice(row, 1).to_pylist()[0]
+            if t["problem"]:
+                from pipelines.data.images import BadImage
+
+                raise BadImage(t["problem"])
+            return shards.read_range(self.filesystem, t["shard"], t["offset"], t["size"])
+        return read_bytes(self.filesystem, self.table.column("path")[row].as_py())
 
     def class_name(self, label: int) -> str:
         if label == UNLABELLED:
@@ -117,6 +141,8 @@ def list_split(data: DataConfig, split: str) -> Listing:
             ".csv/.parquet manifest"
         )
     splits = list_dirs(root)
+    if split in splits and shards.is_shard_split(root.join(split)):
+        return _shard_listing(data, root, split)
     if split in splits:
         classes = _folder_classes(data, root)
         return _folder_listing(root.join(split), classes)
@@ -151,7 +177,10 @@ def list_every_split(data: DataConfig) -> dict[str, Listing]:
     if named or manifests:
         out = {}
         for s in named:
-            out[s] = _folder_listing(root.join(s), _folder_classes(data, root))
+            if shards.is_shard_split(root.join(s)):
+                out[s] = _shard_listing(data, root, s)
+            else:
+                out[s] = _folder_listing(root.join(s), _folder_classes(data, root))
         for s, m in manifests.items():
             out[s] = _manifest_listing(m, s3, split=None, classes=_manifest_classes(data, root))
         return out
@@ -199,6 +228,15 @@ def _table(paths: list[str], labels: object, sizes: list[int | None]) -> pa.Tabl
         "label": pa.array(labels, pa.int64()),
         "size": pa.array(sizes, pa.int64()),
     })
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _shard_listing(data: DataConfig, root: Location, split: str) -> Listing:
+    split_root = root.join(split)
+    found = shards.shard_listing(split_root, data.skip_unreadable_files)
+    return Listing(split_root.uri, split_root.store, found.table, shards.read_classes(root), found.skipped)
 
 
 # --------------------------------------------------------------------------- manifests

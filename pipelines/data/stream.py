@@ -20,6 +20,14 @@ position to a file through that epoch's permutation, fetches the files (`FETCH_T
 GETs from S3; one after the other from a local directory) and decodes + augments them with PIL
 (`pipelines.data.images`). Nothing holds image bytes at list time, so listings of ImageNet size work.
 
+Shards. A listing of WebDataset shards (`pipelines.data.shards`, one row per sample) streams by
+whole shards instead: the window of row ids is cut into read units of `ShardPlan` (an epoch reads
+its shards in a seeded order, in windows of ~`SHUFFLE_BUFFER` samples shuffled together), one unit
+per Ray block; its task reads each of its shards in one ranged request and decodes the samples
+through the same `_decode_rows` (bad files, crops, flips: as below, keyed by `<shard>#<member>`).
+In training a bad sample's row goes to the next good sample of its unit, so a skipped sample shifts
+no other row and a resume stays exact.
+
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
 epoch; evaluation keeps listing order) and draws each file's crop and flip from
 `file_rng(seed, e, path)`. Both depend only on (data.seed, epoch, path), never on block boundaries,
@@ -58,6 +66,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,10 +79,12 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipelines.data.images import BadImage, eval_transform, file_rng, train_transform
 from pipelines.data.listing import Listing, list_split
+from pipelines.data.shards import ShardPlan, is_sharded, read_range
 from pipelines.data.storage import Store, read_bytes
 from pipelines.errors import UserError
 
-if TYPE_CHECKING:  # xtra_core imports torch; decode workers should not
+if TYPE_CHECKING:  # for annotations only: the config is read on the driver (the decode tasks get
+    # a `_DecodeSpec`); they import torch anyway, through pipelines.data.images (the resize kernel)
     from xtra_core.config import DataConfig
 
 logger = logging.getLogger("xtra.data")
@@ -262,6 +273,8 @@ def build_dataset(
         with_paths=with_paths,
     )
     listing_ref = ray.put((listing.table, listing.store))  # the store pickles as its settings
+    if is_sharded(listing.table):
+        return _shard_dataset(listing, listing_ref, spec, total, bad_files)
     blocks = max(1, min(MAX_BLOCKS, math.ceil(total / rows_per_block(image_size))))
     return with_idle_backoff(ray.data.range(total, override_num_blocks=blocks).map_batches(
         _decode_batch,
@@ -351,6 +364,30 @@ def _decode_batch(
     labels = table.column("label").to_numpy()[rows]
     contents = _fetch_all(store.filesystem, paths, sizes, spec.max_image_bytes)
 
+    images, keep = _decode_rows(paths, contents, epochs, store, spec, bad_files, len(ids))
+    size = spec.image_size
+    out: dict[str, np.ndarray] = {
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "label": labels[keep].astype(np.int64),
+    }
+    if spec.with_paths:
+        out["path"] = np.array([store.uri_of(paths[i]) for i in keep], dtype=object)
+    return out
+
+
+def _decode_rows(
+    paths: list[str],
+    contents: list[bytes | BadImage | OSError],
+    epochs: np.ndarray,
+    store: Store,
+    spec: _DecodeSpec,
+    bad_files: ray.actor.ActorHandle | None,
+    rows_seen: int,
+) -> tuple[list[np.ndarray], list[int]]:
+    """Decode + augment every content (train: `file_rng(seed, epoch, path)` draws its crop and
+    flip): (images uint8 [S, S, 3], the indices they came from). Bad files are logged, reported to
+    `bad_files` with `rows_seen`, and stop the stream past data.max_bad_fraction; a read error
+    stops it unless data.skip_unreadable_files."""
     size = spec.image_size
     images: list[np.ndarray] = []
     keep: list[int] = []
@@ -384,8 +421,8 @@ def _decode_batch(
             continue
         images.append(image)
         keep.append(i)
-    if bad_files is not None and len(ids):
-        count, seen = ray.get(bad_files.add.remote(len(ids), bad))
+    if bad_files is not None and rows_seen:
+        count, seen = ray.get(bad_files.add.remote(rows_seen, bad))
         if seen >= spec.min_seen and count > spec.max_bad_fraction * seen:
             example = f"; e.g. {bad[0][1]} ({bad[0][2]})" if bad else ""
             reason = (
@@ -395,13 +432,139 @@ def _decode_batch(
             )
             ray.get(bad_files.stop.remote(reason))
             raise TooManyBadFiles(reason)
+    return images, keep
 
-    out: dict[str, np.ndarray] = {
-        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-        "label": labels[keep].astype(np.int64),
-    }
-    if spec.with_paths:
-        out["path"] = np.array([store.uri_of(paths[i]) for i in keep], dtype=object)
+
+# --------------------------------------------------------------------------- shard windows
+
+
+def _shard_dataset(
+    listing: Listing,
+    listing_ref: ray.ObjectRef,
+    spec: _DecodeSpec,
+    total: int,
+    bad_files: ray.actor.ActorHandle | None,
+) -> ray.data.Dataset:
+    """The window of row ids as read units of whole shards (`ShardPlan`): one unit per Ray block,
+    one decode task per unit, one ranged read per shard."""
+    plan = ShardPlan(listing.table.column("shard").to_pylist(), spec.seed, spec.train)
+    units = plan.units(spec.first_epoch, spec.first_row, total)  # int64 [U, 4]
+    units_ref = ray.put(units)
+    return with_idle_backoff(
+        ray.data.range(len(units), override_num_blocks=min(len(units), MAX_BLOCKS)).map_batches(
+            _read_windows,
+            batch_format="numpy",
+            batch_size=None,
+            fn_kwargs={"listing_ref": [listing_ref], "units_ref": [units_ref], "spec": spec,
+                       "bad_files": bad_files},
+        )
+    )
+
+
+_PLANS: OrderedDict[tuple[str, int, bool], ShardPlan] = OrderedDict()
+
+
+def _cached_plan(ref: ray.ObjectRef, table: pa.Table, spec: _DecodeSpec) -> ShardPlan:
+    key = (ref.hex(), spec.seed, spec.train)
+    if key not in _PLANS:
+        _PLANS[key] = ShardPlan(table.column("shard").to_pylist(), spec.seed, spec.train)
+        while len(_PLANS) > 2:
+            _PLANS.popitem(last=False)
+    return _PLANS[key]
+
+
+def _read_windows(
+    batch: dict[str, np.ndarray],
+    listing_ref: list[ray.ObjectRef],
+    units_ref: list[ray.ObjectRef],
+    spec: _DecodeSpec,
+    bad_files: ray.actor.ActorHandle | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Unit ids [B] -> their samples decoded, in read order, `rows_per_block` rows per output.
+
+    Training: a bad sample's row is taken by the next good sample of its unit (the same image and
+    crop twice), so that every other sample keeps its row and a resumed stream stays aligned."""
+    ref = listing_ref[0]
+    table, store = _cached_listing(ref)
+    plan = _cached_plan(ref, table, spec)
+    units = ray.get(units_ref[0])
+    chunk = rows_per_block(spec.image_size)
+    for u in np.asarray(batch["id"], dtype=np.int64):
+        epoch, window, start, stop = (int(v) for v in units[u])
+        rows = plan.window_rows(epoch, window)[start:stop]
+        take = pa.array(rows)
+        paths = table.column("path").take(take).to_pylist()
+        labels = table.column("label").to_numpy()[rows]
+        contents = _fetch_samples(store.filesystem, table.take(take), spec.max_image_bytes)
+        images, keep = _decode_rows(
+            paths, contents, np.full(len(rows), epoch), store, spec, bad_files, len(rows)
+        )
+        order = _fill_bad_rows(keep, len(rows)) if spec.train else np.arange(len(keep))
+        source = np.asarray(keep, dtype=np.int64)[order] if len(keep) else np.zeros(0, np.int64)
+        for lo in range(0, len(order), chunk):
+            sel = order[lo : lo + chunk]
+            out: dict[str, np.ndarray] = {
+                "image": np.stack([images[k] for k in sel]),
+                "label": labels[source[lo : lo + chunk]].astype(np.int64),
+            }
+            if spec.with_paths:
+                out["path"] = np.array([store.uri_of(paths[i]) for i in source[lo : lo + chunk]], dtype=object)
+            yield out
+
+
+def _fill_bad_rows(keep: list[int], n: int) -> np.ndarray:
+    """Indices into `keep` for rows 0..n-1: a kept row itself, a bad row the next kept row after
+    it; bad rows after the last kept one are dropped."""
+    out: list[int] = []
+    k = 0
+    for row in range(n):
+        while k < len(keep) and keep[k] < row:
+            k += 1
+        if k < len(keep):
+            out.append(k)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _fetch_samples(
+    filesystem: pafs.FileSystem, rows: pa.Table, max_bytes: int
+) -> list[bytes | BadImage | OSError]:
+    """The samples' bytes: one ranged read per shard (from the first needed member to the end of
+    the last), shards read `FETCH_THREADS` at a time from S3. `BadImage` for a sample the index
+    marks as bad or over `max_bytes`; the storage's error for every sample of an unreadable shard."""
+    shards = rows.column("shard").to_pylist()
+    offsets = rows.column("offset").to_pylist()
+    sizes = rows.column("size").to_pylist()
+    problems = rows.column("problem").to_pylist()
+    out: list[bytes | BadImage | OSError] = [b""] * len(shards)
+    groups: dict[str, list[int]] = {}
+    for i, (shard, problem, size) in enumerate(zip(shards, problems, sizes)):
+        if problem:
+            out[i] = BadImage(problem)
+        elif size > max_bytes:
+            out[i] = BadImage(f"{size} bytes > data.max_image_bytes={max_bytes}")
+        else:
+            groups.setdefault(shard, []).append(i)
+
+    def fetch(shard: str) -> None:
+        members = groups[shard]
+        lo = min(offsets[i] for i in members)
+        hi = max(offsets[i] + sizes[i] for i in members)
+        try:
+            data = read_range(filesystem, shard, lo, hi - lo)
+        except (OSError, ValueError) as e:  # after the storage's retries
+            error = e if isinstance(e, OSError) else OSError(str(e))
+            for i in members:
+                out[i] = error
+            return
+        for i in members:
+            out[i] = data[offsets[i] - lo : offsets[i] - lo + sizes[i]]
+
+    if filesystem.type_name == "local" or len(groups) < 2:
+        for shard in groups:
+            fetch(shard)
+    else:
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(groups))) as pool:
+            list(pool.map(fetch, groups))
     return out
 
 

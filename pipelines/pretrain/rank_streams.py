@@ -27,6 +27,7 @@ import pyarrow as pa
 import ray
 from ray.train import DataConfig
 
+from pipelines.data import shards
 from pipelines.data.listing import Listing, list_split
 from pipelines.data.stream import build_dataset
 from xtra_core.config import XTRAConfig
@@ -99,7 +100,10 @@ class TrainStream:
 
 
 def rank_shard(listing: Listing, rank: int, world: int) -> Listing:
-    """The listing rows rank, rank + world, rank + 2 world, ... (a fixed, disjoint shard)."""
+    """The listing rows rank, rank + world, rank + 2 world, ... (a fixed, disjoint shard); of a
+    listing of WebDataset shards, the whole shards rank, rank + world, ..."""
+    if listing.is_sharded:
+        return dataclasses.replace(listing, table=shards.rank_subset(listing.table, rank, world, listing.uri))
     rows = pa.array(range(rank, len(listing), world), type=pa.int64())
     return dataclasses.replace(listing, table=listing.table.take(rows))
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from pipelines.data.images import BadImage, eval_transform
 from pipelines.data.listing import Listing, list_split
-from pipelines.data.storage import read_bytes
 from pipelines.errors import UserError
 from xtra_core.config import DataConfig
 
@@ -32,7 +31,7 @@ def sample_images(listing: Listing, n: int, size: int, max_pixels: int) -> tuple
         if len(images) == n:
             break
         try:
-            images.append(eval_transform(read_bytes(listing.filesystem, paths[i]), size, max_pixels))
+            images.append(eval_transform(listing.read(i), size, max_pixels))
         except BadImage:
             continue
         chosen.append(paths[i])
