@@ -43,8 +43,12 @@ class ModelConfig:
     head_hidden: int = 1536  # hidden width of the shared per-block pixel MLP
     blocks_ahead: int = 1  # n: predict the next n blocks with n separate heads
     loss: str = "l2"  # "l2" (MSE) or "l1"
-    block_order: str = "raster"  # "raster" or "random" (a fixed permutation drawn from order_seed)
+    # "raster"; "random": one fixed permutation drawn from order_seed (the paper's "fixed random");
+    # "pseudo_random": the reference's `aim.pseudo_random`: K permutations with distinct first
+    # blocks drawn from order_seed, one of them drawn at every training step (the first in eval)
+    block_order: str = "raster"
     order_seed: int = 0
+    projection_bias: bool = False  # bias of the projection's last Linear (the reference has none)
     drop_path: float = 0.0  # stochastic depth rate of the last encoder block (linear ramp)
     norm_pix_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each transformer block in backward
@@ -106,7 +110,7 @@ class ModelConfig:
                     f"model.{name}_width={w} is not divisible by model.{name}_heads={h}"
                 )
         _choice("model.loss", self.loss, ("l2", "l1"))
-        _choice("model.block_order", self.block_order, ("raster", "random"))
+        _choice("model.block_order", self.block_order, ("raster", "random", "pseudo_random"))
         _choice("model.attention", self.attention, ("sdpa", "flex"))
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"model.drop_path={self.drop_path} must be in [0, 1)")
@@ -180,6 +184,9 @@ class TrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
     warmup_steps: int | None = None  # overrides warmup_epochs
+    # LR of step 0: linear warmup from it to `lr` at the last warmup step (the reference's
+    # LinearWarmupCosineAnnealingLR, 1e-4); 0 = warmup from 0, the first step at lr / warmup steps
+    warmup_start_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -209,6 +216,10 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1")
+        if not 0.0 <= self.warmup_start_lr <= self.lr:
+            raise ConfigError(
+                f"train.warmup_start_lr={self.warmup_start_lr} must be in [0, train.lr={self.lr}]"
+            )
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("train.checkpoint_every and train.log_every must be >= 1")
         if self.visualize_every < 0 or self.visualize_images < 1:
@@ -421,7 +432,8 @@ def vit_b16() -> XTRAConfig:
             drop_path=0.2,
         ),
         train=TrainConfig(
-            global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6
+            global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6,
+            warmup_start_lr=1e-4,  # the reference's base.yaml
         ),
         probe=table2_probe(eval_resize=300),  # the reference's eval: resize 300, centre crop 256
         preset="vit_b16",
@@ -447,7 +459,8 @@ def vit_h14() -> XTRAConfig:
             activation_checkpointing=True,
         ),
         train=TrainConfig(
-            global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6
+            global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6,
+            warmup_start_lr=1e-4,  # the reference's base.yaml
         ),
         probe=table2_probe(eval_resize=256),  # the reference's eval: resize 256, centre crop 224
         preset="vit_h14",
