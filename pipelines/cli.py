@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--data", default=None, help="dataset URI whose images are shown")
     vis.add_argument("--split", default=None, help="split to take images from (default: test, else train)")
     vis.add_argument("--n", type=int, default=8, help="number of images, a row each (default 8)")
+    vis.add_argument("--head", type=int, default=0,
+                     help="which head's predictions: 0 the next block (default), 1 the next-next "
+                          "(models with model.blocks_ahead > 1), ...")
     vis.add_argument("--mask", action="store_true", help="draw the block-causal mask of --config instead")
     vis.add_argument("--out", required=True, help="PNG file to write")
     vis.set_defaults(func=_run_visualize)
@@ -292,7 +295,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
         raise UserError("xtra visualize needs --model and --data (or --mask for the mask picture)")
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least one image")
-    print(json.dumps(visualize(cfg, args.model, args.out, args.n, args.split)), flush=True)
+    print(json.dumps(visualize(cfg, args.model, args.out, args.n, args.split, args.head)), flush=True)
     return 0
 
 
