@@ -216,7 +216,7 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps={self.max_steps} must be >= 1")
-        if not 0.0 <= self.warmup_start_lr <= self.lr:
+        if self.warmup_start_lr < 0 or (self.lr > 0 and self.warmup_start_lr > self.lr):
             raise ConfigError(
                 f"train.warmup_start_lr={self.warmup_start_lr} must be in [0, train.lr={self.lr}]"
             )
