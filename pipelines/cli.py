@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--data", default=None, help="dataset URI whose images are shown")
     vis.add_argument("--split", default=None, help="split to take images from (default: test, else train)")
     vis.add_argument("--n", type=int, default=8, help="number of images, a row each (default 8)")
+    vis.add_argument("--head", type=int, default=0,
+                     help="which head's predictions: 0 the next block (default), 1 the next-next "
+                          "(models with model.blocks_ahead > 1), ...")
     vis.add_argument("--mask", action="store_true", help="draw the block-causal mask of --config instead")
     vis.add_argument("--out", required=True, help="PNG file to write")
     vis.set_defaults(func=_run_visualize)
@@ -185,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=V1,V2",
-        help="a swept setting: block_size, blocks_ahead, loss (l2,l1), order (raster,random), "
-        "decoder_depth, decoder_width, or any section.key (e.g. train.lr=1e-3,3e-3); "
-        "repeat for a grid",
+        help="a swept setting: block_size, blocks_ahead, loss (l2,l1), order "
+        "(raster,random,pseudo_random), decoder_depth, decoder_width, or any section.key (e.g. "
+        "train.lr=1e-3,3e-3); repeat for a grid; keys joined by commas are paired, one value of "
+        "each per point (e.g. \"model.image_size,model.patch_size=224:14,256:16\": 2 points)",
     )
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default 1)")
     sweep.add_argument(
@@ -206,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-failed", action="store_true",
                        help="on resume, run failed trials again")
     sweep.add_argument("--out", default=None, help="folder for the table/JSON/PNG")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print one line per trial with its full override set, after checking "
+                            "every grid point; start nothing (no Ray)")
     sweep.set_defaults(func=_run_sweep)
     return parser
 
@@ -298,7 +305,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
         raise UserError("xtra visualize needs --model and --data (or --mask for the mask picture)")
     if args.n < 1:
         raise UserError(f"--n {args.n}: give at least one image")
-    print(json.dumps(visualize(cfg, args.model, args.out, args.n, args.split)), flush=True)
+    print(json.dumps(visualize(cfg, args.model, args.out, args.n, args.split, args.head)), flush=True)
     return 0
 
 
@@ -322,6 +329,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
     # edge, so it stays a lazy import inside this handler
     from tune.sweep import SweepOptions, run_sweep
 
+    if args.dry_run:
+        from tune.space import dry_run
+
+        print("\n".join(dry_run(_load(args), args.axes, args.seeds)), flush=True)
+        return 0
     kinds = ("linear", "attentive") if args.probe == "both" else (args.probe,)
     options = SweepOptions(
         name=args.name, seeds=args.seeds, kinds=kinds, max_concurrent=args.max_concurrent,

@@ -22,7 +22,7 @@ from pipelines.pretrain.driver import run_pretraining
 from pipelines.probe.driver import probe
 from pipelines.tracking import runs as tracking
 from pipelines.tracking import sweeps
-from tune.space import SEED_KEYS
+from tune.space import SEED_KEYS, expand_point
 from xtra_core.config import XTRAConfig, build_config, config_from_dict
 
 logger = logging.getLogger("xtra.sweep")
@@ -65,7 +65,7 @@ def run_name_of(spec: SweepSpec, config: dict[str, Any]) -> str:
 
 def trial_config(spec: SweepSpec, config: dict[str, Any]) -> XTRAConfig:
     """The trial's config: the base, the grid point's values, the seed and the run name."""
-    point = {k: v for k, v in config.items() if k != "seed"}
+    point = expand_point({k: v for k, v in config.items() if k != "seed"})  # paired axes split
     dotted = {**point, **{k: config["seed"] for k in SEED_KEYS}, "train.run_name": run_name_of(spec, config)}
     return build_config(config_from_dict(spec.base), None, dotted)
 

@@ -77,7 +77,9 @@ def read_meta(export_dir: str | Path) -> dict[str, Any]:
 
 def load_model_config(export_dir: str | Path) -> ModelConfig:
     meta = read_meta(export_dir)
-    cfg = apply_overrides(preset("tiny"), {"model": meta["model"]}).model
+    # exports written before `projection_bias` existed have the bias
+    model = {"projection_bias": True, **meta["model"]}
+    cfg = apply_overrides(preset("tiny"), {"model": model}).model
     cfg.validate()
     return cfg
 

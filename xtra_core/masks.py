@@ -39,12 +39,34 @@ def block_order(num_blocks: int, kind: str = "raster", seed: int = 0) -> torch.T
     """The autoregressive block order: `order[i]` is the raster block number of the i-th block.
 
     "random" is a fixed permutation drawn from `seed` (the same for every batch and every rank).
+    "pseudo_random" has several orders (`block_orders`); this is the first, the one used in eval.
     """
+    return block_orders(num_blocks, kind, seed)[0]
+
+
+def block_orders(num_blocks: int, kind: str = "raster", seed: int = 0) -> torch.Tensor:
+    """Every block order a model of this kind trains with: int64 [R, K], row r one order.
+
+    R = 1 for "raster" and "random". "pseudo_random" is the reference's `aim.pseudo_random`
+    (`create_random_permutations`): R = K permutations, pairwise prefix-distinct, drawn one after
+    another with `randperm` from a generator seeded with `seed`, a draw kept only if no row kept
+    before shares a prefix with it (with K rows of K blocks this means: no two rows start with
+    the same block). The reference seeds torch's global generator with the run's seed; the same
+    seed here gives the same rows."""
     if kind == "raster":
-        return torch.arange(num_blocks)
+        return torch.arange(num_blocks)[None]
+    g = torch.Generator().manual_seed(seed)
     if kind == "random":
-        g = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_blocks, generator=g)
+        return torch.randperm(num_blocks, generator=g)[None]
+    if kind == "pseudo_random":
+        rows: list[torch.Tensor] = []
+        firsts: set[int] = set()
+        while len(rows) < num_blocks:
+            row = torch.randperm(num_blocks, generator=g)
+            if num_blocks == 1 or int(row[0]) not in firsts:  # prefix-distinct from every row
+                rows.append(row)
+                firsts.add(int(row[0]))
+        return torch.stack(rows)
     raise ValueError(f"unknown block order {kind!r}")
 
 

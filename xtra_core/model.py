@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from torch.utils.checkpoint import checkpoint
 
 from xtra_core.config import ModelConfig, XTRAConfig, preset
-from xtra_core.masks import block_major_permutation, block_order, blockify
+from xtra_core.masks import block_major_permutation, block_orders, blockify
 
 AttnMask = torch.Tensor | BlockMask | None  # dense bool [N, N] (SDPA) or a BlockMask (flex)
 
@@ -140,7 +140,12 @@ def run_blocks(
 
 
 class Layout(nn.Module):
-    """Non-persistent buffers for the token order: raster <-> block-major and the mask."""
+    """Non-persistent buffers for the token order: raster <-> block-major and the mask.
+
+    A model has one block order (raster, random), or R of them (pseudo_random: the reference
+    draws one per training step, `draw_order`, and uses the first in eval, `use_order(0)`).
+    `order`, `perm` and `inv_perm` are those of the current one; the block-major mask is the same
+    for every order."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -149,16 +154,56 @@ class Layout(nn.Module):
         self.attention = cfg.attention
         self._block_masks: dict[tuple[int, str], BlockMask] = {}  # (tokens, device) -> BlockMask
         with torch.device("cpu"):  # real values even when the model is built on "meta"
-            order = block_order(cfg.num_blocks, cfg.block_order, cfg.order_seed)  # [K]
-            perm = block_major_permutation(cfg.grid, cfg.block_size, order)  # [N] raster idx/slot
+            orders = block_orders(cfg.num_blocks, cfg.block_order, cfg.order_seed)  # [R, K]
+            perms = torch.stack([block_major_permutation(cfg.grid, cfg.block_size, o)
+                                 for o in orders])  # [R, N] raster index of each slot
             slot_block = torch.arange(cfg.num_patches) // k2  # [N] block position of each slot
-        self.register_buffer("order", order, persistent=False)
-        self.register_buffer("perm", perm, persistent=False)
-        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        self.register_buffer("orders", orders, persistent=False)
+        self.register_buffer("perms", perms, persistent=False)
+        self.register_buffer("inv_perms", torch.argsort(perms, dim=1), persistent=False)
+        # index of the current order: a 0-dim buffer, so a compiled graph reads it, not a guard
+        self.register_buffer("current", torch.zeros((), dtype=torch.long), persistent=False)
         # block-major mask: causal at block granularity (True = may attend)
         self.register_buffer(
             "attn_mask", slot_block[None, :] <= slot_block[:, None], persistent=False
         )
+
+    @property
+    def num_orders(self) -> int:
+        return self.orders.shape[0]
+
+    @property
+    def order(self) -> torch.Tensor:
+        """[K]: raster block number at each autoregressive position."""
+        return self._current(self.orders)
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """[N]: raster token index of each block-major slot."""
+        return self._current(self.perms)
+
+    @property
+    def inv_perm(self) -> torch.Tensor:
+        """[N]: block-major slot of each raster token."""
+        return self._current(self.inv_perms)
+
+    def _current(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[0] if rows.shape[0] == 1 else rows[self.current]
+
+    def use_order(self, index: int) -> None:
+        if not 0 <= index < self.num_orders:
+            raise IndexError(f"order {index} of {self.num_orders}")
+        if self.num_orders > 1:
+            self.current.fill_(index)
+
+    def draw_order(self) -> int:
+        """Draw the order of a training step uniformly from torch's global generator (the
+        reference's `choose_perm`: `torch.randint` over its permutations), and use it."""
+        if self.num_orders == 1:
+            return 0
+        index = int(torch.randint(0, self.num_orders, (1,)).item())
+        self.use_order(index)
+        return index
 
     def mask(self, num_tokens: int, device: torch.device) -> AttnMask:
         """The block-causal mask over the first `num_tokens` block-major tokens, for the
@@ -225,6 +270,7 @@ class Encoder(nn.Module):
         norm), tokens in raster patch order. images [B, C, H, W] -> [B, N, D]."""
         if not 1 <= last_n <= len(self.blocks):
             raise ValueError(f"last_n={last_n} must be in 1..{len(self.blocks)}")
+        self.layout.use_order(0)  # pseudo_random: features in the first order, as in eval
         _, kept = self.forward_sequence(images, keep_last=last_n)
         feats = torch.stack(kept).mean(0)  # [B, N, D] block-major
         return feats[:, self.layout.inv_perm]
@@ -266,7 +312,7 @@ class XTRA(nn.Module):
         self.projection = nn.Sequential(
             nn.Linear(cfg.encoder_width, cfg.projection_hidden),
             nn.GELU(),
-            nn.Linear(cfg.projection_hidden, cfg.decoder_width),
+            nn.Linear(cfg.projection_hidden, cfg.decoder_width, bias=cfg.projection_bias),
         )
         self.decoder = Decoder(cfg)
         k2 = cfg.block_size**2
@@ -320,7 +366,16 @@ class XTRA(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """First head's predictions [B, K, P]: row i sees blocks 1..i+1 and predicts block i+2 (in
         the model's block order, per-block-normalised pixel space); the last row has no target."""
-        return self.heads[0](self.decoder_output_by_block(images))
+        return self.predict_head(images, 0)
+
+    def predict_head(self, images: torch.Tensor, head: int) -> torch.Tensor:
+        """Head `head`'s predictions [B, K, P]: row i sees blocks 1..i+1 and predicts block
+        i+2+head (model order; the first model order with pseudo_random); the last head+1 rows
+        have no target."""
+        if not 0 <= head < len(self.heads):
+            raise IndexError(f"head {head}: the model has {len(self.heads)} (model.blocks_ahead)")
+        self.layout.use_order(0)
+        return self.heads[head](self.decoder_output_by_block(images))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """Scalar next-block reconstruction loss of normalised images [B, C, H, W].
@@ -328,6 +383,10 @@ class XTRA(nn.Module):
         The per-block targets are computed in fp32 from `images` as given, before the network's
         cast to its weights' dtype: pass fp32 images to a bf16 model and the targets keep fp32
         precision (the reference computes them from the fp32 batch under bf16 autocast)."""
+        if self.training:
+            self.layout.draw_order()  # pseudo_random: one order per step (else a no-op)
+        else:
+            self.layout.use_order(0)
         target = self.targets(images.float())  # [B, K, P] fp32
         z = self.decoder_output_by_block(images, drop_last_block=True)  # [B, K-1, k*k*Dd]
         return self.forward_loss([head(z).float() for head in self.heads], target)

@@ -7,17 +7,22 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "query")
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether AdamW decays parameter `name`: the reference's rule (`param_groups` in its
+    `utils.py`): every parameter but biases and norm parameters (every 1-D tensor). Position
+    embeddings and the attentive probe's learned query are decayed, as there (the paper says
+    only "weight decay 0.05")."""
+    return "bias" not in name and p.ndim > 1
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight decay on weight matrices and conv kernels; none on biases,
-    norm parameters (every 1-D tensor) or position embeddings / learned queries."""
+    """Two AdamW groups: `weight_decay` on what `decays`, 0 on the rest."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
+        if not decays(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -28,11 +33,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def warmup_cosine_lr(
-    step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float
+    step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+    warmup_start_lr: float = 0.0,
 ) -> float:
-    """Learning rate at optimiser step `step` (0-based): linear warmup from 0 to `peak_lr` over
-    `warmup_steps`, then cosine decay to `min_lr` at `total_steps`."""
+    """Learning rate at optimiser step `step` (0-based): linear warmup to `peak_lr` at step
+    `warmup_steps - 1`, then cosine decay from `peak_lr` at step `warmup_steps` to `min_lr` at
+    `total_steps`.
+
+    The warmup starts at `warmup_start_lr` at step 0, as the reference's
+    LinearWarmupCosineAnnealingLR (stepped once per optimiser step); with `warmup_start_lr=0` it
+    starts one step earlier (step 0 at `peak_lr / warmup_steps`), so that no step has LR 0."""
     if warmup_steps > 0 and step < warmup_steps:
+        if warmup_start_lr > 0:
+            return warmup_start_lr + step * (peak_lr - warmup_start_lr) / max(1, warmup_steps - 1)
         return peak_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps) / decay_steps)

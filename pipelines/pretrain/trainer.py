@@ -65,13 +65,14 @@ def deepspeed_config(cfg: XTRAConfig) -> dict[str, Any]:
 
 
 def lr_lambda(cfg: XTRAConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier for torch's LambdaLR: warmup + cosine from `train.lr` to `train.min_lr`."""
+    """Multiplier for torch's LambdaLR: warmup from `train.warmup_start_lr`, then cosine from
+    `train.lr` to `train.min_lr`."""
     t = cfg.train
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, max(0, total_steps - 1))
 
     def f(step: int) -> float:
-        return warmup_cosine_lr(step, total_steps, warmup, t.lr, t.min_lr) / t.lr
+        return warmup_cosine_lr(step, total_steps, warmup, t.lr, t.min_lr, t.warmup_start_lr) / t.lr
 
     return f
 

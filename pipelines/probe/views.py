@@ -1,18 +1,17 @@
 """The images a probe sees, streamed by Ray Data: the eval view and the attentive probe's
 augmented train view. The only place the probe calls `pipelines.data.stream.build_dataset`.
 
-- Source: each file decoded to the centred square of its shorter side, resized to
-  `probe.eval_resize` (default: the encoder's image size) by the data pipeline; train streams draw a
-  new file order per epoch (`data.seed` = `probe.seed`).
+- Eval source: each file decoded to the centred square of its shorter side, resized to
+  `probe.eval_resize` (default: the encoder's image size) by the data pipeline.
 - Eval view (`eval_stream` + `center_crop`): that square centre-cropped to the encoder's image size,
   i.e. resize then centre crop as the reference's eval transform (B: 300 -> 256, H: 256 -> 224).
-- Augmented view (`train_stream`): on top of the source, in the Ray Data tasks (`AugmentSpec`):
-  RandomResizedCrop(`probe.crop_scale`, `probe.crop_ratio`) resized bicubically to the image size,
-  horizontal flip (`probe.hflip_prob`), RandAugment (`probe.rand_augment`) and random erasing
-  (`probe.random_erasing`): timm's `create_transform(is_training=True, ...)` of the reference's
-  attentive-probe configs. Each file's draws come from `file_rng(probe.seed + salt, epoch, path)`:
-  (seed, epoch) reproduces every view. timm crops the full image; here the crop is taken from the
-  centred square (the same for square datasets such as CIFAR-10 and Fashion-MNIST).
+- Augmented view (`train_stream`): RandomResizedCrop(`probe.crop_scale`, `probe.crop_ratio`) of
+  the WHOLE image, resized bicubically to the image size, and horizontal flip (`probe.hflip_prob`),
+  by the data pipeline's decode (as pretraining's views, a new file order per epoch, `data.seed` =
+  `probe.seed`); then, in the Ray Data tasks (`AugmentSpec`), RandAugment (`probe.rand_augment`)
+  and random erasing (`probe.random_erasing`): timm's `create_transform(is_training=True, ...)`
+  of the reference's attentive-probe configs, in timm's order. Each file's draws come from
+  (`probe.seed`, epoch, path): (seed, epoch) reproduces every view.
 """
 
 from __future__ import annotations
@@ -38,18 +37,21 @@ def source_size(cfg: XTRAConfig) -> int:
 
 
 def _source_data(cfg: XTRAConfig, train: bool) -> DataConfig:
-    """The data section that decodes the source square: a 'crop' of scale 1 and ratio 1 is the
-    centred square of the shorter side (the crop sampler's fallback), no flip."""
+    """The data section the probe decodes with: for train, the probe's RandomResizedCrop of the
+    whole image (timm's and the reference's) and flip, drawn from `probe.seed`."""
     data = dataclasses.replace(cfg.data, seed=cfg.probe.seed)
     if train:
-        data = dataclasses.replace(data, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_prob=0.0)
+        p = cfg.probe
+        data = dataclasses.replace(data, crop_scale=tuple(p.crop_scale), crop_ratio=tuple(p.crop_ratio),
+                                   hflip_prob=p.hflip_prob)
     return data
 
 
 def _stream(cfg: XTRAConfig, listing: Listing, epoch: int, train: bool) -> Any:
     from pipelines.data.stream import build_dataset
 
-    return build_dataset(_source_data(cfg, train), source_size(cfg), "probe", epoch, train=train,
+    size = cfg.model.image_size if train else source_size(cfg)
+    return build_dataset(_source_data(cfg, train), size, "probe", epoch, train=train,
                          listing=listing, with_paths=True)
 
 
@@ -80,24 +82,28 @@ class AugmentSpec:
     std: tuple[float, float, float]
     seed: int
     epoch: int
+    crop: bool = True  # False: the image is already the cropped, flipped view (train_stream)
 
     @classmethod
     def of(cls, cfg: XTRAConfig, epoch: int) -> AugmentSpec:
         p = cfg.probe
         return cls(cfg.model.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), p.hflip_prob,
                    p.rand_augment, p.random_erasing, tuple(cfg.data.mean), tuple(cfg.data.std),
-                   p.seed, epoch)
+                   p.seed, epoch, crop=False)
 
 
 def augment_view(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec,
                  rand_augment: RandAugment | None) -> np.ndarray:
-    """uint8 [R, R, 3] -> uint8 [S, S, 3]: crop (bicubic), flip, RandAugment, erasing, in order."""
-    h, w = image.shape[:2]
-    top, left, ch, cw = random_resized_crop_params(rng, w, h, spec.crop_scale, spec.crop_ratio)
-    img = Image.fromarray(image).resize((spec.size, spec.size), Image.Resampling.BICUBIC,
-                                        box=(left, top, left + cw, top + ch))
-    if rng.random() < spec.hflip_prob:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    """uint8 [H, W, 3] -> uint8 [S, S, 3]: crop (bicubic) and flip (if `spec.crop`; else the
+    image is the [S, S, 3] view already), RandAugment, erasing, in order."""
+    img = Image.fromarray(image)
+    if spec.crop:
+        h, w = image.shape[:2]
+        top, left, ch, cw = random_resized_crop_params(rng, w, h, spec.crop_scale, spec.crop_ratio)
+        img = img.resize((spec.size, spec.size), Image.Resampling.BICUBIC,
+                         box=(left, top, left + cw, top + ch))
+        if rng.random() < spec.hflip_prob:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rand_augment is not None:
         img = rand_augment(img, rng)
     out = np.array(img, dtype=np.uint8)
@@ -107,7 +113,7 @@ def augment_view(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec,
 
 
 def augment_batch(batch: dict[str, np.ndarray], spec: AugmentSpec) -> dict[str, np.ndarray]:
-    """Ray Data task: source squares [B, R, R, 3] -> augmented views [B, S, S, 3]."""
+    """Ray Data task: cropped, flipped views [B, S, S, 3] -> augmented views [B, S, S, 3]."""
     ra = RandAugment.from_spec(spec.rand_augment, mean_fill(spec.mean)) if spec.rand_augment else None
     views = [
         augment_view(img, file_rng(spec.seed + AUGMENT_SALT, spec.epoch, str(path)), spec, ra)

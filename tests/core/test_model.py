@@ -216,14 +216,14 @@ def test_vit_b16_shapes_on_meta_device():
 # --------------------------------------------------------------------------- training pieces
 
 
-def test_param_groups_exclude_biases_norms_and_position_embeddings_from_decay():
+def test_param_groups_exclude_biases_and_norms_from_decay_and_decay_position_embeddings():
     model = build_model("tiny")
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     d = {names[id(p)] for p in decay["params"]}
-    assert "encoder.pos_embed" in nd and "decoder.pos_embed" in nd
+    assert "encoder.pos_embed" in d and "decoder.pos_embed" in d  # as the reference
     assert "encoder.blocks.0.norm1.weight" in nd and "encoder.blocks.0.attn.qkv.bias" in nd
     assert "encoder.blocks.0.attn.qkv.weight" in d and "encoder.patch_embed.weight" in d
     assert len(d) + len(nd) == len(names) and not d & nd

@@ -55,7 +55,7 @@ def test_impossible_values_name_the_valid_ones():
     # block 4 leaves 2x2 = 4 blocks: blocks ahead must be 1..3
     with pytest.raises(ConfigError, match=r"blocks_ahead=4.*valid blocks ahead: 1\.\.3"):
         check_grid(base, parse_axes(["block_size=2,4", "blocks_ahead=1,4"]))
-    with pytest.raises(ConfigError, match=r"valid orders: \['raster', 'random'\]"):
+    with pytest.raises(ConfigError, match=r"valid orders: \['raster', 'random', 'pseudo_random'\]"):
         check_grid(base, parse_axes(["order=raster,spiral"]))
     with pytest.raises(ConfigError, match="unknown config key train.'lrr'"):
         check_grid(base, parse_axes(["train.lrr=0.1"]))

@@ -81,3 +81,22 @@ def test_reserved_alias_and_negative_visualize_every_are_config_errors(tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_visualize_head_draws_the_next_next_block_head_and_refuses_a_missing_one(tmp_path, capsys):
+    cfg = load_config("tiny", SMALL + ["model.blocks_ahead=2"])
+    torch.manual_seed(0)
+    save_model(build_model(cfg.model).state_dict(), cfg.model, tmp_path / "model_export")
+    data = image_folder(tmp_path / "data")
+    pictures = {}
+    for head in (0, 1):
+        out = tmp_path / f"head{head}.png"
+        assert main(["visualize", "--model", str(tmp_path / "model_export"), "--data", data,
+                     "--out", str(out), "--n", "2", "--head", str(head)]) == 0
+        pictures[head] = np.asarray(Image.open(out).convert("RGB"))
+    assert pictures[0].shape == pictures[1].shape and not np.array_equal(pictures[0], pictures[1])
+    capsys.readouterr()
+    assert main(["visualize", "--model", str(tmp_path / "model_export"), "--data", data,
+                 "--out", str(tmp_path / "x.png"), "--head", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--head 2" in err[0] and "blocks_ahead" in err[0]

@@ -10,7 +10,7 @@ from PIL import Image
 from pipelines.data.images import normalize
 from pipelines.visualize.figure4 import figure4, figure4_layout, render_figure4
 from pipelines.visualize.mask import ATTEND_RGB, BLOCKED_RGB, mask_layout, render_mask
-from pipelines.visualize.picture import GRID_RGB, HATCH_BG_RGB, HATCH_RGB, upscale_factor
+from pipelines.visualize.picture import GRID_RGB, HATCH_RGB, upscale_factor
 from pipelines.visualize.predictions import next_block_predictions, to_uint8
 from xtra_core.config import build_config
 from xtra_core.masks import block_causal_mask
@@ -30,11 +30,11 @@ def small_cfg(**sets):
 
 
 class PerfectPredictor(XTRA):
-    """Predicts every next block exactly: row i returns the true normalised block i+1."""
+    """Predicts every block exactly: head j's row i returns the true normalised block i+1+j."""
 
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict_head(self, images: torch.Tensor, head: int) -> torch.Tensor:
         t = self.targets(images)  # [B, K, P], model order
-        return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], dim=1)
+        return torch.cat([t[:, 1 + head :], torch.zeros_like(t[:, : 1 + head])], dim=1)
 
 
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -51,14 +51,16 @@ def test_perfect_predictor_reassembles_the_input_on_blocks_2_to_K(order):
     first = int(model.layout.order[0])
     assert predicted.sum() == cfg.num_blocks - 1 and not predicted[first]
     if order == "random":
-        assert first != 0  # the hatched block follows the permutation (seed 3 does not start at 0)
+        assert first != 0  # the first block follows the permutation (seed 3 does not start at 0)
     block_px = cfg.block_size * cfg.patch_size
     per_side = cfg.blocks_per_side
     for b in range(cfg.num_blocks):
         ys, xs = slice(b // per_side * block_px, (b // per_side + 1) * block_px), slice(
             b % per_side * block_px, (b % per_side + 1) * block_px)
-        if b == first:
-            assert torch.all(pred[:, :, ys, xs] == 0)
+        if b == first:  # no prediction: de-normalised like the others, i.e. its own mean
+            block_mean = x[:, :, ys, xs].mean(dim=(1, 2, 3))  # [B]
+            torch.testing.assert_close(pred[:, :, ys, xs], block_mean[:, None, None, None].expand(
+                -1, 3, block_px, block_px), atol=1e-5, rtol=0)
         else:
             torch.testing.assert_close(pred[:, :, ys, xs], x[:, :, ys, xs], atol=1e-4, rtol=0)
     # and through uint8: exactly the input pixels, give or take rounding
@@ -92,7 +94,7 @@ def test_a_block_prediction_sees_only_the_true_blocks_before_it(order):
         assert same == (pos < j), (pos, j)
 
 
-def test_figure4_picture_has_the_layout_size_grid_lines_and_hatched_first_block(tmp_path):
+def test_figure4_picture_has_the_layout_size_grid_lines_and_a_mean_coloured_first_block(tmp_path):
     torch.manual_seed(0)
     cfg = small_cfg(**{"model.block_size": 2})  # 2x2 blocks of 8 px
     model = XTRA(cfg).eval()
@@ -115,8 +117,8 @@ def test_figure4_picture_has_the_layout_size_grid_lines_and_hatched_first_block(
         assert np.array_equal(panel[10, 95], images[row, 10 // scale, 95 // scale])
         ptop, pleft = layout.origin(row, 1)
         pred = png[ptop : ptop + p, pleft : pleft + p]
-        hatched = pred[1:cell, 1:cell].reshape(-1, 3)  # the first block (raster order): stripes
-        assert {tuple(c) for c in hatched} == {HATCH_RGB, HATCH_BG_RGB}
+        first = {tuple(c) for c in pred[1:cell, 1:cell].reshape(-1, 3)}  # first block (raster)
+        assert len(first) == 1 and HATCH_RGB not in first  # one flat colour, not hatched
         assert (pred[cell, :] == GRID_RGB).all()
         predicted_block = {tuple(c) for c in pred[cell + 1 : p - 1, cell + 1 : p - 1].reshape(-1, 3)}
         assert HATCH_RGB not in predicted_block and len(predicted_block) > 2
@@ -153,3 +155,18 @@ def test_mask_picture_fills_exactly_the_pairs_that_may_attend(tmp_path):
         centres = panel[scale // 2 :: scale, scale // 2 :: scale]  # [N, N, 3], one per entry
         expect = np.where(mask.numpy()[..., None], np.array(ATTEND_RGB), np.array(BLOCKED_RGB))
         assert np.array_equal(centres, expect)
+
+
+def test_head_k_draws_the_block_k_ahead_and_leaves_the_first_k_plus_1_blocks_flat():
+    torch.manual_seed(0)
+    cfg = small_cfg(**{"model.blocks_ahead": 2})
+    model = PerfectPredictor(cfg).eval()
+    x = normalize(torch.as_tensor(random_images(2, 16)), MEAN, STD)
+    pred, predicted = next_block_predictions(model, x, head=1)
+    assert not predicted[0] and not predicted[1] and predicted[2:].all()  # raster order
+    torch.testing.assert_close(pred[..., 4:, :], x[..., 4:, :], atol=1e-4, rtol=0)  # rows 2..4
+    torch.testing.assert_close(pred[..., :4, 8:], x[..., :4, 8:], atol=1e-4, rtol=0)
+    real = XTRA(cfg).eval()
+    with pytest.raises(IndexError, match="has 2"):
+        real.predict_head(x, 2)
+    assert not torch.equal(next_block_predictions(real, x, 1)[0], next_block_predictions(real, x, 0)[0])

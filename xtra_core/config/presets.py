@@ -45,7 +45,8 @@ def vit_b16() -> XTRAConfig:
             drop_path=0.2,
         ),
         train=TrainConfig(
-            global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6
+            global_batch_size=2048, epochs=800, warmup_epochs=15, lr=1e-3, min_lr=1e-6,
+            warmup_start_lr=1e-4,  # the reference's base.yaml
         ),
         probe=table2_probe(eval_resize=300),  # the reference's eval: resize 300, centre crop 256
         preset="vit_b16",
@@ -71,7 +72,8 @@ def vit_h14() -> XTRAConfig:
             activation_checkpointing=True,
         ),
         train=TrainConfig(
-            global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6
+            global_batch_size=2048, epochs=100, warmup_epochs=3, lr=1e-3, min_lr=1e-6,
+            warmup_start_lr=1e-4,  # the reference's base.yaml
         ),
         probe=table2_probe(eval_resize=256),  # the reference's eval: resize 256, centre crop 224
         preset="vit_h14",

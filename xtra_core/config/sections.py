@@ -34,8 +34,12 @@ class ModelConfig:
     head_hidden: int = 1536  # hidden width of the shared per-block pixel MLP
     blocks_ahead: int = 1  # n: predict the next n blocks with n separate heads
     loss: str = "l2"  # "l2" (MSE) or "l1"
-    block_order: str = "raster"  # "raster" or "random" (a fixed permutation drawn from order_seed)
+    # "raster"; "random": one fixed permutation drawn from order_seed (the paper's "fixed random");
+    # "pseudo_random": the reference's `aim.pseudo_random`: K permutations with distinct first
+    # blocks drawn from order_seed, one of them drawn at every training step (the first in eval)
+    block_order: str = "raster"
     order_seed: int = 0
+    projection_bias: bool = False  # bias of the projection's last Linear (the reference has none)
     drop_path: float = 0.0  # stochastic depth rate of the last encoder block (linear ramp)
     norm_pix_eps: float = 1e-6
     activation_checkpointing: bool = False  # recompute each transformer block in backward
@@ -97,7 +101,7 @@ class ModelConfig:
                     f"model.{name}_width={w} is not divisible by model.{name}_heads={h}"
                 )
         _choice("model.loss", self.loss, ("l2", "l1"))
-        _choice("model.block_order", self.block_order, ("raster", "random"))
+        _choice("model.block_order", self.block_order, ("raster", "random", "pseudo_random"))
         _choice("model.attention", self.attention, ("sdpa", "flex"))
         _check_ranges("model", self, "drop_path")
 
@@ -158,6 +162,9 @@ class TrainConfig:
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
     warmup_steps: int | None = None  # overrides warmup_epochs
+    # LR of step 0: linear warmup from it to `lr` at the last warmup step (the reference's
+    # LinearWarmupCosineAnnealingLR, 1e-4); 0 = warmup from 0, the first step at lr / warmup steps
+    warmup_start_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -185,6 +192,10 @@ class TrainConfig:
             )
         _check_ranges("train", self, "max_steps", "checkpoint_every", "log_every",
                       "visualize_every", "visualize_images")
+        if self.warmup_start_lr < 0 or (self.lr > 0 and self.warmup_start_lr > self.lr):
+            raise ConfigError(
+                f"train.warmup_start_lr={self.warmup_start_lr} must be in [0, train.lr={self.lr}]"
+            )
 
     @property
     def micro_batch(self) -> int:
