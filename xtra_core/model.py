@@ -14,6 +14,7 @@ and which has no block after it to predict, is dropped from the sequence in `los
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 
 import torch
@@ -145,7 +146,11 @@ class Layout(nn.Module):
     A model has one block order (raster, random), or R of them (pseudo_random: the reference
     draws one per training step, `draw_order`, and uses the first in eval, `use_order(0)`).
     `order`, `perm` and `inv_perm` are those of the current one; the block-major mask is the same
-    for every order."""
+    for every order.
+
+    With R > 1 the layout has one persistent buffer, `draws` (the number of orders drawn so far):
+    draw n is a function of (`model.order_seed`, n) only, so the count, saved with the module state
+    in every checkpoint, makes a resumed run draw what the uninterrupted run drew."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -163,6 +168,11 @@ class Layout(nn.Module):
         self.register_buffer("inv_perms", torch.argsort(perms, dim=1), persistent=False)
         # index of the current order: a 0-dim buffer, so a compiled graph reads it, not a guard
         self.register_buffer("current", torch.zeros((), dtype=torch.long), persistent=False)
+        self.order_seed = cfg.order_seed
+        self._draws = 0  # host copy of `draws`: a draw reads no device tensor
+        if orders.shape[0] > 1:
+            with torch.device("cpu"):
+                self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         # block-major mask: causal at block granularity (True = may attend)
         self.register_buffer(
             "attn_mask", slot_block[None, :] <= slot_block[:, None], persistent=False
@@ -196,14 +206,40 @@ class Layout(nn.Module):
         if self.num_orders > 1:
             self.current.fill_(index)
 
+    @torch.compiler.disable  # host-side bookkeeping: a compiled forward runs it eagerly
     def draw_order(self) -> int:
-        """Draw the order of a training step uniformly from torch's global generator (the
-        reference's `choose_perm`: `torch.randint` over its permutations), and use it."""
+        """Draw the order of a training step uniformly (the reference's `choose_perm`:
+        `torch.randint` over its permutations), use it, and count the draw.
+
+        Draw n comes from a private generator seeded by (`model.order_seed`, n), not from torch's
+        global one (which is left untouched): every rank draws the same order at the same step,
+        so the step's gradient is that of the loss the run reports, and a run resumed from a
+        checkpoint (which holds the count, `draws`) continues with the uninterrupted run's
+        orders. Host work only: no device read-back."""
         if self.num_orders == 1:
             return 0
-        index = int(torch.randint(0, self.num_orders, (1,)).item())
+        n = self._draws
+        seed = hashlib.blake2b(f"{self.order_seed}:{n}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(seed, "little"))
+        index = int(torch.randint(0, self.num_orders, (1,), generator=generator))
+        self._draws = n + 1
+        self.draws.fill_(n + 1)  # a device write, no sync: saved with the module state
         self.use_order(index)
         return index
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """Load `draws` and its host copy; a state without it (a checkpoint written before the
+        count existed, or an export) is accepted and keeps the current count."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + "draws"
+        if self.num_orders == 1:
+            return
+        if key in state_dict:
+            self._draws = int(state_dict[key])
+        elif key in missing_keys:
+            missing_keys.remove(key)
 
     def mask(self, num_tokens: int, device: torch.device) -> AttnMask:
         """The block-causal mask over the first `num_tokens` block-major tokens, for the

@@ -83,3 +83,80 @@ def test_loss_for_every_order_equals_the_raster_reference():
 def test_unknown_block_order_is_one_error_naming_the_choices():
     with pytest.raises(ConfigError, match="pseudo_random"):
         dataclasses.replace(preset("tiny").model, block_order="spiral").validate()
+
+
+# --------------------------------------------------------------------------- deterministic draws
+
+
+def small_model(block_order: str = "pseudo_random", seed: int = 0) -> XTRA:
+    """The tiny preset's 16 blocks on a one-layer trunk (the draws do not depend on the width)."""
+    cfg = dataclasses.replace(
+        preset("tiny").model, block_order=block_order, order_seed=seed, encoder_width=48,
+        encoder_depth=1, projection_hidden=48, decoder_width=48, decoder_depth=1, head_hidden=48,
+    )
+    return XTRA(cfg)
+
+
+def drawn_orders(model: XTRA, steps: int) -> list[int]:
+    """The order index each of `steps` training steps draws (what `loss` does first in training)."""
+    model.train()
+    return [model.layout.draw_order() for _ in range(steps)]
+
+
+def test_models_with_the_same_order_seed_draw_the_same_orders_whatever_the_global_generator():
+    a, b = small_model(seed=3), small_model(seed=3)
+    torch.manual_seed(1)
+    first = drawn_orders(a, 30)
+    torch.manual_seed(2)  # another global generator state: no effect on the draws
+    assert drawn_orders(b, 30) == first
+    assert len(set(first)) > 4  # still a draw over the orders, not one of them
+    assert set(first) <= set(range(a.layout.num_orders))
+    assert drawn_orders(small_model(seed=4), 30) != first  # the seed picks the sequence
+
+
+def test_a_draw_leaves_the_global_generator_untouched():
+    model = small_model()
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    drawn_orders(model, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_draws_over_many_steps_are_uniform_over_the_orders():
+    model = small_model()
+    counts = torch.bincount(torch.tensor(drawn_orders(model, 1600)), minlength=model.layout.num_orders)
+    assert counts.shape == (16,) and counts.min() > 60 and counts.max() < 140  # 100 expected each
+
+
+def test_a_model_loaded_from_a_state_dict_after_n_steps_continues_with_the_uninterrupted_orders(tmp_path):
+    uninterrupted = small_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(7):
+            uninterrupted.train().loss(x)  # 7 training steps, each drawing its order
+        uninterrupted.eval().loss(x)  # eval draws nothing
+    assert int(uninterrupted.layout.draws) == 7
+    torch.save(uninterrupted.state_dict(), tmp_path / "state.pt")
+    after = drawn_orders(uninterrupted, 5)  # steps 8..12
+
+    resumed = small_model()
+    drawn_orders(resumed, 2)  # a fresh model's own count is replaced by the checkpoint's
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert drawn_orders(resumed, 5) == after
+    assert int(resumed.layout.draws) == 12
+
+
+def test_a_state_without_the_draw_count_still_loads_strictly():
+    model = small_model()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("layout.draws")}
+    assert len(state) == len(model.state_dict()) - 1
+    fresh = small_model()
+    fresh.load_state_dict(state, strict=True)  # a checkpoint or export from before the count
+    assert drawn_orders(fresh, 3) == drawn_orders(small_model(), 3)
+
+
+def test_raster_and_random_models_have_no_draw_count_and_draw_nothing():
+    for order in ("raster", "random"):
+        model = small_model(order, seed=5)
+        assert not any(k.endswith("draws") for k in model.state_dict())
+        assert drawn_orders(model, 3) == [0, 0, 0]
