@@ -4,6 +4,8 @@ training step; the objective for each order equals the raster-order reference.""
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,58 @@ def test_raster_and_random_models_have_no_draw_count_and_draw_nothing():
         model = small_model(order, seed=5)
         assert not any(k.endswith("draws") for k in model.state_dict())
         assert drawn_orders(model, 3) == [0, 0, 0]
+
+
+@pytest.fixture
+def one_process_group():
+    from benchmarks.mfu import single_process_group
+
+    single_process_group(torch.device("cpu"))
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two real DeepSpeed engines in one process (~10 s each to build)
+def test_a_resumed_deepspeed_run_draws_the_orders_of_the_uninterrupted_run(one_process_group, tmp_path):
+    from pipelines.pretrain import trainer
+    from pipelines.pretrain.plan import RunPlan
+    from xtra_core.config import build_config
+
+    cfg = build_config("tiny", None, {
+        "model.image_size": 16, "model.patch_size": 4, "model.block_size": 1,  # 16 blocks
+        "model.encoder_width": 32, "model.encoder_depth": 1, "model.encoder_heads": 2,
+        "model.projection_hidden": 64, "model.decoder_width": 32, "model.decoder_depth": 1,
+        "model.decoder_heads": 2, "model.head_hidden": 64, "model.block_order": "pseudo_random",
+        "train.num_workers": 1, "train.global_batch_size": 8, "train.micro_batch_size": 4,
+        "train.zero_stage": 2, "train.log_every": 3, "train.checkpoint_every": 3,
+        "train.warmup_steps": 1, "train.max_steps": 6,
+    })
+    g = torch.Generator().manual_seed(0)
+    micro_batches = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(12)]  # 2 per step
+    saved = tmp_path / "step3"
+
+    def keep_step_3(metrics, checkpoint_dir):
+        if checkpoint_dir and metrics["step"] == 3:
+            shutil.copytree(checkpoint_dir, saved)
+
+    def run(start: int, checkpoint: Path | None) -> tuple[list[int], list[float]]:
+        plan = RunPlan(total_steps=6, steps_per_epoch=6, rows_per_epoch=48, start_step=start, stop_step=6)
+        engine, scheduler = trainer.build_engine(cfg, plan)
+        step = trainer.resume(engine, str(checkpoint) if checkpoint else None, plan)
+        orders, losses = [], []
+
+        def record(module, _inputs, loss):
+            orders.append(int(module.layout.current))
+            losses.append(float(loss.detach()))
+
+        engine.module.register_forward_hook(record)
+        torch.manual_seed(123 + start)  # the global generator differs between the two runs
+        batches = trainer.skip(micro_batches, 2 * step)
+        assert trainer.fit(engine, scheduler, batches, cfg, plan, step, keep_step_3) == 6
+        return orders, losses
+
+    orders, losses = run(0, None)
+    assert len(orders) == 12 and len(set(orders)) > 1
+    resumed_orders, resumed_losses = run(3, saved)
+    assert resumed_orders == orders[6:]  # micro steps 7..12: the same orders
+    assert resumed_losses == pytest.approx(losses[6:], rel=1e-5)  # and so the same objective
