@@ -129,9 +129,12 @@ class RedactedError(Exception):
     """An exception re-raised with its message redacted; `kind` is the original type's name
     (`str(e)` starts with it when it is not a product error)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):  # pickled across Ray processes with its kind
+        return (type(self), (str(self), self.kind))
 
 
 def redacted_message(exc: BaseException) -> str:
@@ -153,7 +156,7 @@ def redacted_error(exc: BaseException) -> BaseException:
             return new
     except Exception:  # noqa: BLE001 - constructors that want other arguments
         pass
-    return RedactedError(type(exc).__name__, f"{type(exc).__name__}: {clean}")
+    return RedactedError(f"{type(exc).__name__}: {clean}", type(exc).__name__)
 
 
 # -- every line printed or logged -----------------------------------------------------------------
@@ -175,13 +178,19 @@ class RedactingStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if self.inner.closed:  # a library that kept this stream past its inner one's life
+            return
         if self._pending:
             self.inner.write(redact(self._pending))
             self._pending = ""
         self.inner.flush()
 
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "closed", False))
+
     def isatty(self) -> bool:
-        return self.inner.isatty()
+        return not self.closed and self.inner.isatty()
 
     def fileno(self) -> int:
         return self.inner.fileno()

@@ -184,8 +184,12 @@ def valid_values(key: str, cfg: XTRAConfig) -> str:
 
 
 def point_config(base: XTRAConfig, point: dict[str, Any]) -> XTRAConfig:
-    """The config of one grid point (validated): `base` with the point's keys set."""
-    return build_config(base, None, expand_point(point))
+    """The config of one grid point, through the same validation as `xtra pretrain` (types,
+    ranges, cross-checks: `pipelines.config_validation.validate_values`): `base` with the
+    point's keys set."""
+    from pipelines.config_validation import validate_values
+
+    return validate_values(build_config(base, None, expand_point(point)))
 
 
 def check_grid(base: XTRAConfig, axes: list[Axis]) -> list[dict[str, Any]]:
