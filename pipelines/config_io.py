@@ -53,7 +53,7 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
     Every bad key (unknown, wrongly typed, out of range, clashing) is named in one ConfigError."""
     dotted = parse_set(sets)
     if config in PRESETS:
-        return _build(config, {}, dotted)
+        return build_checked(config, {}, dotted)
     path = Path(config)
     if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
         path = CONFIG_DIR / f"{config}.yaml"
@@ -73,17 +73,22 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return _build(data.pop("preset", "tiny"), data, dotted)
+        return build_checked(data.pop("preset", "tiny"), data, dotted)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _build(name: Any, nested: dict[str, Any], dotted: dict[str, Any]) -> XTRAConfig:
-    """Preset <- YAML sections <- `--set`, each key applied on its own so that every bad one is
-    named (not only the first), then checked (`validate_values`)."""
-    if not isinstance(name, str) or name not in PRESETS:
-        raise ConfigError(f"preset {name!r} is not one of {sorted(PRESETS)}")
-    cfg = preset(name)
+def build_checked(base: Any, nested: dict[str, Any], dotted: dict[str, Any]) -> XTRAConfig:
+    """Preset name (or a config) <- YAML sections <- `--set`, each key applied on its own so that
+    every bad one is named (not only the first), then checked (`validate_values`: types and
+    ranges before the sections' cross-checks). The one validation of every command, sweep grid
+    points included."""
+    if isinstance(base, XTRAConfig):
+        cfg = base
+    elif isinstance(base, str) and base in PRESETS:
+        cfg = preset(base)
+    else:
+        raise ConfigError(f"preset {base!r} is not one of {sorted(PRESETS)}")
     problems: list[str] = []
     for layer in (nested, parse_dotted(dotted)):
         for section, values in layer.items():

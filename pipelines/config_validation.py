@@ -87,6 +87,8 @@ def validate_values(cfg: XTRAConfig, problems: list[str] | None = None) -> XTRAC
                 obj.validate()
             except ConfigError as e:
                 problems.append(str(e))
+            except (TypeError, ValueError, ArithmeticError) as e:  # a programmatic value pydantic let by
+                problems.append(f"{section}: {e}")
     if isinstance(cfg.probe.rand_augment, str) and cfg.probe.rand_augment:
         try:
             parse_rand_augment(cfg.probe.rand_augment)
