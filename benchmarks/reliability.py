@@ -43,6 +43,13 @@ ROWS = {
                   "finished at {finished_step}"),
     "planted_secrets": ("fake secrets in env + config", "{secrets_found} of {secrets_planted} found in "
                         "{files_scanned} files ({mb_scanned} MB: logs, MLflow store, artifacts, checkpoints)"),
+    "config_properties": ("hostile config values (hypothesis: every key x wrong type, out of range, "
+                          "empty, huge, malformed; in-process validation + pretrain/probe/sweep/visualize)",
+                          "{inputs_tried} inputs tried ({cli_runs} through the CLI), {mishandled} "
+                          "mishandled: {refused} refused in one line naming the key, {accepted} valid; no "
+                          "traceback, Ray never started"),
+    "secrets_failing_paths": ("planted credentials ({planted}) on the failing path of every command",
+                              "{commands} command paths, {secrets_found} secrets found in their output"),
     "malicious_pickle_export": ("pickle in place of the export weights (`xtra probe --model dir`)",
                                 "refused: {refused}; payload ran: {code_ran}"),
     "malicious_pickle_registry": ("pickle in place of the registry's pyfunc wrapper (`load_encoder`)",

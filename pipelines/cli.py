@@ -11,11 +11,12 @@ import argparse
 import contextlib
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 
 from pipelines import console
 from pipelines.errors import UserError
-from pipelines.redaction import redact
+from pipelines.redaction import redact, redacting
 from xtra_core.config import ConfigError
 
 
@@ -349,17 +350,50 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 1 if "failed" in statuses and "done" not in statuses else 0  # nothing to compare
 
 
+def known_failure(exc: BaseException) -> str | None:
+    """The one line for a failure the user can fix that does not arrive as a UserError (a Ray
+    cluster that wants an auth token, a product error that Ray wrapped), else None."""
+    text = str(exc)
+    if type(exc).__name__ == "AuthenticationError" or "auth token" in text.lower() and "ray" in text.lower():
+        return ("the Ray cluster wants an auth token (token authentication is on): set "
+                "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, or in a file named by "
+                "RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token); `ray get-auth-token` on the head "
+                "node prints it")
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    if isinstance(cause, (ConfigError, UserError)):
+        return str(cause)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `xtra` command. Every line it prints or logs passes `pipelines.redaction`; bad input
+    ends in one line `xtra: error: ...` on stderr and exit code 2; an unexpected failure prints its
+    traceback (redacted too) and exits 1."""
     argv, job_args = split_job_args(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.job_args = job_args
-    # the product's own progress lines (loggers named xtra.*) go to stderr; Ray's only if verbose
-    console.configure(args.verbose)
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, UserError) as e:
-        print(f"xtra: error: {redact(str(e))}", file=sys.stderr)
-        return 2
+    with redacting():
+        args = build_parser().parse_args(argv)
+        args.job_args = job_args
+        # the product's own progress lines (loggers named xtra.*) go to stderr; Ray's only if verbose
+        console.configure(args.verbose)
+        try:
+            return int(args.func(args) or 0)
+        except (ConfigError, UserError) as e:
+            return _fail(str(e))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - the one top-level handler
+            line = known_failure(e)
+            if line is not None:
+                return _fail(line)
+            traceback.print_exception(e, file=sys.stderr)  # each line redacted by the stream
+            return 1
+
+
+def _fail(message: str) -> int:
+    """`xtra: error: <message>` on stderr as one line (redacted); exit code 2."""
+    line = " ".join(redact(message).split())
+    print(f"xtra: error: {line}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from pipelines.config_validation import validate_values
-from xtra_core.config import PRESETS, ConfigError, XTRAConfig, build_config
+from xtra_core.config import PRESETS, ConfigError, XTRAConfig, apply_overrides, parse_dotted, preset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,10 +48,12 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConfig:
     """`config` is a preset name (`tiny`, `vit_b16`, `vit_h14`), a YAML path, or the stem of a
-    file in `configs/` (`vit_b16_in1k`). The YAML may name a `preset:` and override sections."""
+    file in `configs/` (`vit_b16_in1k`). The YAML may name a `preset:` and override sections.
+
+    Every bad key (unknown, wrongly typed, out of range, clashing) is named in one ConfigError."""
     dotted = parse_set(sets)
     if config in PRESETS:
-        return validate_values(build_config(config, None, dotted))
+        return build_checked(config, {}, dotted)
     path = Path(config)
     if not path.exists() and (CONFIG_DIR / f"{config}.yaml").exists():
         path = CONFIG_DIR / f"{config}.yaml"
@@ -60,13 +62,45 @@ def load_config(config: str = "tiny", sets: list[str] | None = None) -> XTRAConf
             f"--config {config!r} is neither a preset {sorted(PRESETS)} nor a YAML file "
             f"(also looked in {CONFIG_DIR})"
         )
+    if not path.is_file():
+        raise ConfigError(f"--config {config!r} is a directory, not a YAML file")
     try:
         data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {config!r} cannot be read: {e.strerror if isinstance(e, OSError) else e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        return validate_values(build_config(data.get("preset", "tiny"), data, dotted))
+        return build_checked(data.pop("preset", "tiny"), data, dotted)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def build_checked(base: Any, nested: dict[str, Any], dotted: dict[str, Any]) -> XTRAConfig:
+    """Preset name (or a config) <- YAML sections <- `--set`, each key applied on its own so that
+    every bad one is named (not only the first), then checked (`validate_values`: types and
+    ranges before the sections' cross-checks). The one validation of every command, sweep grid
+    points included."""
+    if isinstance(base, XTRAConfig):
+        cfg = base
+    elif isinstance(base, str) and base in PRESETS:
+        cfg = preset(base)
+    else:
+        raise ConfigError(f"preset {base!r} is not one of {sorted(PRESETS)}")
+    problems: list[str] = []
+    for layer in (nested, parse_dotted(dotted)):
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                try:
+                    apply_overrides(cfg, {section: values})
+                except ConfigError as e:
+                    problems.append(str(e))
+                continue
+            for key, value in values.items():
+                try:
+                    cfg = apply_overrides(cfg, {section: {key: value}})
+                except ConfigError as e:
+                    problems.append(str(e))
+    return validate_values(cfg, problems)

@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from pipelines import redaction
+
 ENV = "XTRA_VERBOSE"
 
 
@@ -36,6 +38,7 @@ def configure(verbose: bool) -> None:
     os.environ[ENV] = "1" if verbose else "0"
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("xtra").setLevel(logging.INFO)
+    redaction.protect_logging()  # the handler basicConfig made: every record redacted
     if verbose:
         return
     for name in ("mlflow", "ray", "DeepSpeed", "filelock"):

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pipelines.config_io import load_yaml
-from xtra_core.config import ConfigError, XTRAConfig, build_config
+from xtra_core.config import ConfigError, XTRAConfig
 
 # Table 6's ablation switches -> config keys
 TABLE6_AXES = {
@@ -184,8 +184,12 @@ def valid_values(key: str, cfg: XTRAConfig) -> str:
 
 
 def point_config(base: XTRAConfig, point: dict[str, Any]) -> XTRAConfig:
-    """The config of one grid point (validated): `base` with the point's keys set."""
-    return build_config(base, None, expand_point(point))
+    """The config of one grid point, through the same validation as `xtra pretrain` (types,
+    ranges, cross-checks: `pipelines.config_validation.validate_values`): `base` with the
+    point's keys set."""
+    from pipelines.config_io import build_checked
+
+    return build_checked(base, {}, expand_point(point))
 
 
 def check_grid(base: XTRAConfig, axes: list[Axis]) -> list[dict[str, Any]]:

@@ -202,6 +202,8 @@ class SweepPlan:
 
 def check_sweep(cfg: XTRAConfig, axis_specs: list[str], opts: SweepOptions) -> tuple[list[Axis], list[dict[str, Any]]]:
     """The axes and grid points; a value, option or setting that cannot work is one UserError."""
+    if opts.name is not None:
+        check_name(opts.name)
     axes: list[Axis] = parse_axes(axis_specs)
     points = check_grid(cfg, axes)
     if opts.seeds < 1:
@@ -214,6 +216,17 @@ def check_sweep(cfg: XTRAConfig, axis_specs: list[str], opts: SweepOptions) -> t
     if cfg.train.stop_at_step:
         raise UserError("train.stop_at_step ends every trial early; a sweep needs whole runs")
     return axes, points
+
+
+def check_name(name: str) -> None:
+    """`--name` becomes a folder under train.storage_path and an MLflow search filter value: the
+    rule of `train.run_name` (letters, digits, '.', '_', '-'; no '..', '/', quotes)."""
+    from xtra_core.config import RANGES
+
+    rule = RANGES["train.run_name"]
+    if not rule.holds(name) or ".." in name:
+        raise UserError(f"--name {name!r} must match {rule.pattern} (letters, digits, '.', '_', '-'; "
+                        "no '..', '/' or quotes), as train.run_name")
 
 
 def plan_sweep(cfg: XTRAConfig, name: str, axes: list[Axis], points: list[dict[str, Any]],
@@ -259,12 +272,11 @@ def build_tuner(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, trial_spec
     from ray import tune as ray_tune
 
     from tune.progress import TrialEvents
-    from tune.trial import sweep_trial
 
 
     # the trial is the Train driver: no CPU of its own (its workers get their own placement group)
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(sweep_trial, spec=trial_spec),
+        ray_tune.with_parameters(redacted_trial, spec=trial_spec),
         ray_tune.PlacementGroupFactory([{"memory": DRIVER_MEMORY}]),
     )
     if ray_tune.Tuner.can_restore(plan.exp_path, storage_filesystem=storage_fs):
@@ -288,6 +300,21 @@ def build_tuner(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions, trial_spec
         ),
     )
     return tuner, False
+
+
+def redacted_trial(config: dict[str, Any], spec: SweepSpec) -> None:
+    """`tune.trial.sweep_trial`, its failure re-raised with the message redacted: Tune writes it
+    to the trial's error file and prints its "failed:" line from it."""
+    from pipelines.redaction import redacted_error
+    from tune.trial import sweep_trial
+
+    try:
+        sweep_trial(config, spec)
+    except Exception as e:
+        clean = redacted_error(e)
+        if clean is e:
+            raise
+        raise clean from None
 
 
 def asha(cfg: XTRAConfig, plan: SweepPlan, opts: SweepOptions):  # -> ASHAScheduler | None

@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 
 from pipelines import console
 from pipelines.config_validation import validate_values
-from pipelines.data.stream import bad_file_counter
+from pipelines.data.stream import bad_file_counter, stream_stop_error
 from pipelines.errors import UserError
 from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for callers and tests
     DS_TAG,
@@ -153,10 +153,13 @@ def run_pretraining(
             result = trainer.fit()
         if result.error:
             raise result.error
-    except BaseException:
+    except BaseException as e:
         finish_pictures(pictures, succeeded=False)
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED")
+        stop = None if isinstance(e, KeyboardInterrupt) else stream_stop_error(bad_files)
+        if stop is not None:  # the data stopped it: its one line, not Ray's wrapped traceback
+            raise stop from None
         raise
     out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.stop_step,
                            "metrics": result.metrics, "checkpoint": result.checkpoint.path}

@@ -79,7 +79,18 @@ def client(uri: str | None):  # -> mlflow.MlflowClient
     that pointed MLflow somewhere themselves)."""
     import mlflow
 
+    guard_url_printing(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def guard_url_printing(uri: str | None) -> None:
+    """The one guard on MLflow's "View run <name> at: <tracking URI>" line, printed on stdout by
+    every run that ends (pretraining runs, probe scores, sweep parents and trials, in the driver
+    or in a Ray worker whose stdout is a log file): off in this process once a tracking URI with
+    credentials (`user:pass@`, a token in the query) is used. Every client is made by `client`,
+    and `fluent_at` for the fluent calls, so every run the product ends passes here."""
+    if uri and redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def experiment_id(uri: str, name: str, create: bool = True) -> str | None:
@@ -113,6 +124,7 @@ def fluent_at(uri: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
+    guard_url_printing(uri)
     saved_global = utils._tracking_uri
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)

@@ -46,3 +46,58 @@ def test_cli_error_lines_print_redacted_uris(tmp_path, capsys):
                      "mlflow.tracking_uri=http://eve:PlantedPass4@127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == 2 and "PlantedPass4" not in err and "http://***@127.0.0.1:9" in err, err
+
+
+PASSWORDS = ("FAKE@SECRET", "pa/ss", "p:a:ss", "p%ss", "p%40ss", "a@b/c:d%e")
+
+
+def test_passwords_holding_at_slash_colon_percent_are_blanked_whole():
+    for pw in PASSWORDS:
+        for text in (f"http://u:{pw}@mlflow.corp:5000/api", f"see s3://AKIA:{pw}@minio:9/bucket/k.png ok",
+                     f"got a URI: 'user:{pw}@host:9/bucket'", f"(uri=u:{pw}@h)"):
+            out = redact(text)
+            assert pw not in out and "***@" in out, (text, out)
+    # registry references, paths with '@' and e-mail addresses stay as they are
+    for text in ("models:/enc@champion", "s3://bucket/dir/a@2x.png", "mail me@x.org", "/tmp/a@b"):
+        assert redact(text) == text
+
+
+def test_credential_environment_values_are_blanked(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "EnvPlanted123")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-planted-456")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # not a credential
+    assert redact("key EnvPlanted123 token tok-planted-456 false") == "key *** token *** false"
+
+
+def test_every_printed_logged_and_raised_line_passes_the_filter(capsys):
+    import logging
+    import sys
+
+    from pipelines.errors import UserError
+    from pipelines.redaction import redacted_error, redacting
+
+    secret = "http://u:Leak@y@host:1/"
+    with redacting():
+        print(f"line {secret}")
+        sys.stderr.write(f"part {secret[:12]}")  # a credential split over two writes
+        sys.stderr.write(f"{secret[12:]}\n")
+        logging.getLogger("ray.tune").warning("trial failed: %s", secret)
+    out, err = capsys.readouterr()
+    assert "Leak" not in out + err and out.count("***@host:1/") == 1 and err.count("***@host:1/") >= 1, (out, err)
+    assert "Leak" not in str(UserError(f"cannot reach {secret}"))
+    clean = redacted_error(ConnectionError(f"API request to {secret} failed"))
+    assert isinstance(clean, ConnectionError) and "Leak" not in str(clean)
+    bug = redacted_error(KeyError(secret))
+    assert "Leak" not in str(bug)
+
+
+def test_unexpected_error_traceback_is_redacted(capsys, monkeypatch):
+    import pipelines.cli as cli
+
+    def boom(args):
+        raise RuntimeError("failed talking to http://u:PlantedBoom9@h:1/x")
+
+    monkeypatch.setattr(cli, "_run_export", boom)
+    code = cli_main(["export", "--model", "models:/x/1", "--out", "/tmp/nowhere-xtra"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "PlantedBoom9" not in err and "***@h:1" in err, err

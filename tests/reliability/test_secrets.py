@@ -13,8 +13,6 @@ import yaml
 
 from tests.reliability.conftest import own_ray_env, record_figure, small_sets
 
-pytestmark = pytest.mark.slow
-
 ENV_SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "PlantedEnvSecret1",
     "MLFLOW_TRACKING_PASSWORD": "PlantedEnvPass2",
@@ -33,6 +31,7 @@ def _files(*roots: Path):
                 yield p
 
 
+@pytest.mark.slow
 def test_no_planted_secret_in_logs_store_artifacts_or_checkpoints(fmnist, mlflow_server, tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="xs", dir="/tmp"))  # unix socket paths must be short
     host = mlflow_server.url.removeprefix("http://")
@@ -76,3 +75,54 @@ def test_no_planted_secret_in_logs_store_artifacts_or_checkpoints(fmnist, mlflow
                       secrets_planted=len(ENV_SECRETS) + len(CONFIG_SECRETS), secrets_found=len(hits))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# -- every command's failing path: the line it prints holds no planted credential -----------------
+
+PW = "Pl@nted/Pass:9%x"  # '@', '/', ':' and '%' unencoded, as a user pastes it
+KEY = "PlantedKey7"
+FAILING = {
+    "data inspect": ["data", "inspect", f"s3://AKIAPLANTED:{KEY}@127.0.0.1:9/bucket"],
+    "data inspect endpoint": ["data", "inspect", "s3://bucket/x", "--s3-endpoint", f"http://AKIAPLANTED:{KEY}@127.0.0.1:9"],
+    "pretrain": ["pretrain", "--data", f"s3://AKIAPLANTED:{KEY}@127.0.0.1:9/bucket",
+                 "--set", f"mlflow.tracking_uri=http://u:{PW}@127.0.0.1:9"],
+    "pretrain uri": ["pretrain", "--data", "/nonexistent", "--set", f"mlflow.tracking_uri=http://u:{KEY}@127.0.0.1:9"],
+    "probe": ["probe", "--model", "models:/enc/1", "--data", "/nonexistent",
+              "--set", f"mlflow.tracking_uri=http://u:{KEY}@127.0.0.1:9"],
+    "sweep": ["sweep", "--data", f"s3://u:{KEY}@127.0.0.1:9/b", "--axis", "train.lr=1e-3",
+              "--set", "data.s3_max_attempts=1"],
+    "visualize": ["visualize", "--model", "models:/enc/1", "--data", "/nonexistent", "--out", "/tmp/xtra-none.png",
+                  "--set", f"mlflow.tracking_uri=http://u:{KEY}@127.0.0.1:9"],
+    "export": ["export", "--model", "models:/enc/1", "--out", "/tmp/xtra-none-export",
+               "--set", f"mlflow.tracking_uri=http://u:{KEY}@127.0.0.1:9"],
+    "promote": ["promote", "--model", "models:/enc/1", "--alias", "champion",
+                "--set", f"mlflow.tracking_uri=http://u:{KEY}@127.0.0.1:9"],
+    "submit": ["submit", "pretrain", "--address", f"http://u:{KEY}@127.0.0.1:9", "--",
+               "--set", f"mlflow.tracking_uri=http://u:{PW}@h:1"],
+}
+
+
+SCANNED: list[str] = []
+
+
+@pytest.mark.parametrize("name", sorted(FAILING))
+def test_failing_paths_print_no_planted_credential(name, capsys, monkeypatch, tmp_path):
+    from pipelines.cli import main as cli_main
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "PlantedEnvSecret1")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "PlantedEnvPass2")
+    monkeypatch.setenv("XTRA_TRACKING_BACKLOG_DIR", str(tmp_path / "backlog"))
+    monkeypatch.chdir(tmp_path)
+    code = cli_main(FAILING[name])
+    out, err = capsys.readouterr()
+    for secret in (KEY, PW, "PlantedEnvSecret1", "PlantedEnvPass2", "Pass:9"):
+        assert secret not in out + err, (name, secret, out[-500:], err[-2000:])
+    assert code != 0 and err.strip(), (name, out, err)
+    SCANNED.append(name)
+
+
+def test_failing_paths_figure():
+    """One row for the failing paths above (run after them in the file)."""
+    if SCANNED:
+        record_figure("secrets_failing_paths", commands=len(SCANNED), secrets_found=0,
+                      planted=", ".join(("S3 URI", "S3 endpoint", "tracking URI with '@ / : %'", "env")))
