@@ -156,7 +156,7 @@ def test_shard_plan_reads_whole_shards_in_a_seeded_order_with_bounded_windows() 
 
 
 def test_ranks_read_disjoint_whole_shards(tmp_path) -> None:
-    from pipelines.pretrain.stream import rank_shard
+    from pipelines.pretrain.rank_streams import rank_shard
 
     src, dest = str(tmp_path / "src"), str(tmp_path / "shards")
     write_tree(src, distinct_dataset())
@@ -237,7 +237,7 @@ def test_s3_shards_round_trip_and_inspect_counts_equal_the_folders(
 def test_rank_streams_are_deterministic_and_a_resume_sees_the_uninterrupted_samples(
     ray_cluster, tmp_path
 ) -> None:
-    from pipelines.pretrain.stream import build_train_stream
+    from pipelines.pretrain.rank_streams import build_train_stream
 
     src, dest = str(tmp_path / "src"), str(tmp_path / "shards")
     write_tree(src, distinct_dataset(64, 2))
