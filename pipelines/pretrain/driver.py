@@ -58,6 +58,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
     latest_checkpoint_step,
     schedule_keys,
 )
+from pipelines.pretrain.lease import RunLease
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
@@ -98,6 +99,15 @@ def run_pretraining(
     store.check_tracking(uri)  # before any compute
 
     stream: TrainStream = build_train_stream(cfg)  # lists the files: a bad URI fails here, first
+    lease_fs, lease_root = open_storage(storage, cfg)
+    with RunLease(lease_fs, f"{lease_root}/{run_name}", run_name):  # one run per name at a time
+        return _pretrain(cfg, stream, uri, callbacks, parent_run_id, register)
+
+
+def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequence[UserCallback],
+              parent_run_id: str | None, register: bool) -> dict[str, Any]:
+    """`run_pretraining` once the run's lease is held."""
+    run_name, storage = str(cfg.train.run_name), str(cfg.train.storage_path)
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     console.quiet_ray_data()  # the driver prints one status line per report
@@ -212,7 +222,8 @@ def finish_end(cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | 
         out = export_and_register(cfg, checkpoint, uri, run_id, register, registered_version=done)
         if run_id:
             tracking.set_run_tag(uri, run_id, tracking.END_TAG, "done")
-            tracking.finish_run(uri, run_id, "FINISHED")
+            if register:  # a sweep's trial sets its run's status itself, after probing
+                tracking.finish_run(uri, run_id, "FINISHED")
     except Exception as e:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED", attempts=1)
