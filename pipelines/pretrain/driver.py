@@ -13,9 +13,13 @@ with the same `train.run_name` and `train.storage_path` resumes from the newest 
 stream restarts at the checkpoint's image row, so the run continues as if never interrupted.
 `train.max_failures` lets Ray restart a failed worker group automatically from the latest checkpoint.
 
-Before the fit the driver checks what cannot work: the tracking server, the dataset listing, the
-resources (`resources.check_resources`: judged against what the cluster can grow to),
-and a resumed run's config against its checkpoint's (`checkpoints.check_resume_config`).
+Before the fit the driver takes the run's lease (`lease.py`: one run per `train.run_name` at a
+time) and checks what cannot work: the tracking server, the dataset listing, a resumed run's
+config against its checkpoint's (`checkpoints.check_resume_config`: what the run computes and its
+resolved schedule; accepted changes are recorded on the MLflow run), the resources
+(`resources.check_resources`: judged against what the cluster can grow to). A run whose
+checkpoints reached the last step but whose end (export, registration) failed is finished by
+the same command again (`finish_trained_run`).
 At the end it consolidates the full-precision encoder from the final checkpoint (ZeRO shards
 included), exports it (safetensors + config, re-read and compared) and registers it in the MLflow
 Model Registry.
