@@ -35,8 +35,10 @@ class StopServerAtLastCheckpoint(UserCallback):
 def test_a_run_whose_end_failed_is_finished_by_the_same_command(
     ray_cluster, fmnist, mlflow_server, backlog_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # an outage fails in seconds
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # a stopped server refuses connections at once: one retry, not MLflow's minutes of them (a
+    # slow answer of a loaded machine still gets its time)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     sets = {"train.max_steps": 4, "train.checkpoint_every": 4, "mlflow.tracking_uri": mlflow_server.url}
     cfg = make_cfg(tmp_path, fmnist, "end-fails", **sets)
     with pytest.raises(UserError, match=r"reached its last step, but exporting or registering .*run the "
