@@ -39,6 +39,10 @@ ROWS = {
                                 "{files_of_step6_at_crash} file(s) of step {crashed_during_step} on disk; "
                                 "resumed from {resumed_from_step} (last registered {last_registered}), "
                                 "finished at {finished_step}"),
+    "registration_recovery": ("MLflow stopped right after the last checkpoint (export and registration "
+                              "fail), started again, the same command re-run",
+                              "first end: {first_end}; finished by the re-run: {finished_by_rerun} "
+                              "({rerun_seconds} s); registered versions: {registered_versions}"),
     "s3_resume": ("resume from S3 run storage", "stopped at {stopped_at}, resumed from {resumed_from_step}, "
                   "finished at {finished_step}"),
     "planted_secrets": ("fake secrets in env + config", "{secrets_found} of {secrets_planted} found in "

@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true",
         help="also write the whole XTRA (model.safetensors: decoder and heads) from the version's run",
     )
+    exp.add_argument(
+        "--allow-outside-source", action="store_true",
+        help="follow a registered version whose files lie outside the tracking store's artifacts "
+        "(refused by default: a registry entry could point at any path on this machine)",
+    )
     exp.set_defaults(func=_run_export)
     prom = sub.add_parser("promote", help="set an alias (e.g. champion) on a registered version")
     _add_config_args(prom)
@@ -313,7 +318,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from pipelines.model_commands import export_model
 
-    print(json.dumps(export_model(_load(args), args.model, args.out, args.full)), flush=True)
+    print(json.dumps(export_model(_load(args), args.model, args.out, args.full,
+                                   args.allow_outside_source)), flush=True)
     return 0
 
 

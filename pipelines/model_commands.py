@@ -21,14 +21,17 @@ def promote(cfg: XTRAConfig, ref: str, alias: str) -> dict[str, Any]:
     return registry.promote(store.connect(cfg), ref, alias)
 
 
-def export_model(cfg: XTRAConfig, ref: str, out: str | Path, full: bool = False) -> dict[str, Any]:
+def export_model(cfg: XTRAConfig, ref: str, out: str | Path, full: bool = False,
+                 allow_outside_source: bool = False) -> dict[str, Any]:
     """`xtra export`: the encoder (and with `full`, the whole XTRA) as safetensors + config.json
-    in `out`, loadable with `xtra_core.load_encoder(out)` / `xtra_core.load_model(out)`."""
+    in `out`, loadable with `xtra_core.load_encoder(out)` / `xtra_core.load_model(out)`. A
+    registered version whose files lie outside the tracking store's artifacts is refused unless
+    `allow_outside_source` (`registry.check_source_inside`)."""
     uri = store.connect(cfg) if ref.startswith("models:/") else store.tracking_uri(cfg)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: exists and is not empty; give a new directory")
-    export_dir, info = registry.resolve_model(ref, uri)
+    export_dir, info = registry.resolve_model(ref, uri, allow_outside_source)
     out.mkdir(parents=True, exist_ok=True)
     files = [CONFIG]
     if (export_dir / WEIGHTS).exists():

@@ -48,7 +48,6 @@ from pipelines.data.storage import (
     resolve,
     s3_settings,
     storage_error,
-    write_bytes,
 )
 from pipelines.errors import UserError
 
@@ -341,16 +340,13 @@ def _write_all(
     stderr every ~10%. Returns the number of jobs (a job returning None writes nothing)."""
     step = max(1, total // 10)
     done = 0
+    shards.refuse_links_below(dest, dest.join(split).path)  # before any work
 
     def run(job: tuple[str, Callable[[], bytes | None]]) -> None:
         name, make = job
         content = make()
         if content is not None:
-            target = dest.join(name)
-            try:
-                write_bytes(target.filesystem, target.path, content)
-            except (OSError, ValueError) as e:
-                raise storage_error(target, e) from None
+            shards.write_below(dest, name, content)  # whole files, never through a symbolic link
 
     with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
         for _ in pool.map(run, jobs):

@@ -83,11 +83,22 @@ def _check_size(w: int, h: int, max_pixels: int) -> None:
         raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
 
 
+def allow_pillow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb cap (an error above 2 x `Image.MAX_IMAGE_PIXELS`,
+    i.e. 178,956,970 pixels by default) as far as `max_pixels` needs, so that
+    `data.max_image_pixels` is the limit for every format (PNG, TIFF, ... included). Only ever
+    raised, never lowered; `_check_size` enforces `max_pixels` itself after every header."""
+    cap = Image.MAX_IMAGE_PIXELS
+    if cap is not None and 2 * cap < max_pixels:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Parse the header only (PIL, `SUPPORTED_FORMATS`); reject empty files, other formats,
-    non-images and images over `max_pixels`."""
+    non-images and images over `max_pixels` (whatever Pillow's own cap: `allow_pillow_pixels`)."""
     if not data:
         raise BadImage("empty file")
+    allow_pillow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -26,6 +26,7 @@ manifest labels), so that one class has the same index in every split. Rows are 
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -198,7 +199,7 @@ def _folder_classes(data: DataConfig, root: Location) -> tuple[str, ...]:
 
 
 def _folder_listing(split_root: Location, classes: tuple[str, ...]) -> Listing:
-    infos = list_files(split_root)
+    infos = list_files(split_root) if split_root.is_s3 else _local_files(split_root)
     base = split_root.path.rstrip("/") + "/"
     index = {c: i for i, c in enumerate(classes)}
     paths: list[str] = []
@@ -220,6 +221,35 @@ def _folder_listing(split_root: Location, classes: tuple[str, ...]) -> Listing:
         extra = sorted(set(index) - set(classes))
         raise UserError(f"{split_root.uri}: class folders changed while listing: {extra[:5]}")
     return Listing(split_root.uri, split_root.store, _table(paths, labels, sizes), classes)
+
+
+def _local_files(root: Location) -> list[pafs.FileInfo]:
+    """Every file below a local folder, like `storage.list_files`, but each real folder entered
+    once: a symbolic link to a folder is followed the first time that folder is reached and
+    skipped after (a link loop, or two links to one folder, lists its files once)."""
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder entered
+    files: list[pafs.FileInfo] = []
+    stack = [root.path.rstrip("/") or "/"]
+    try:
+        while stack:
+            folder = stack.pop()
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    if e.is_dir():
+                        stack.append(e.path)
+                    elif e.is_file():
+                        files.append(pafs.FileInfo(e.path, pafs.FileType.File, size=e.stat().st_size))
+    except OSError as e:
+        if not seen:
+            raise UserError(f"{root.uri}: no files there (empty or missing prefix)") from None
+        raise UserError(f"{root.uri}: cannot list {e.filename}: {e.strerror}") from None
+    if not files:
+        raise UserError(f"{root.uri}: no files there (empty or missing prefix)")
+    return files
 
 
 def _table(paths: list[str], labels: object, sizes: list[int | None]) -> pa.Table:

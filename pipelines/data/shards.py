@@ -481,8 +481,31 @@ def _verified_shards(
 
 
 def _refuse_symlink_dir(loc: Location) -> None:
-    if not loc.is_s3 and os.path.islink(loc.path):
-        raise UserError(f"{loc.uri}: is a symbolic link; `xtra data prepare` does not write through links")
+    parent = posixpath.dirname(loc.path.rstrip("/"))
+    refuse_links_below(Location(loc.store, parent, posixpath.dirname(loc.uri.rstrip("/"))), loc.path)
+
+
+def refuse_links_below(root: Location, folder: str) -> None:
+    """Every folder from `root` (excluded: --dest itself may be a link) down to the local path
+    `folder` (included) must be a real folder, not a symbolic link: `xtra data prepare` writes
+    below --dest only. S3 has no links. `write_below` checks again before each file, so a link
+    planted while writing is refused too."""
+    if root.is_s3:
+        return
+    base = root.path.rstrip("/")
+    rel = posixpath.relpath(folder, base)
+    path = base
+    for name in ([] if rel == "." else rel.split("/")):
+        path = f"{path}/{name}"
+        if os.path.islink(path):
+            raise UserError(f"{path}: is a symbolic link; `xtra data prepare` does not write through links")
+
+
+def write_below(root: Location, name: str, data: bytes) -> None:
+    """Write `root/name` whole (`_write`), refusing symbolic links on the way (`refuse_links_below`)."""
+    target = root.join(name)
+    refuse_links_below(root, posixpath.dirname(target.path))
+    _write(target, data)
 
 
 def _write(loc: Location, data: bytes) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,24 +30,64 @@ STATE_FILE = "xtra_state.json"  # written by rank 0 into every checkpoint
 DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray checkpoint
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
-# model keys that change how a step is computed, not what is computed: free to change on resume
-EXECUTION_KEYS = ("model.compile", "model.activation_checkpointing", "model.attention")
-# train keys that a checkpoint's weights, optimiser shards or stream position depend on
-BATCH_KEYS = ("train.global_batch_size", "train.micro_batch_size", "train.num_workers",
-              "train.zero_stage")
+# keys that change how or where a step runs, not what the run computes: free to change on resume
+FREE_KEYS = frozenset({
+    "model.compile", "model.activation_checkpointing", "model.attention",
+    "data.test_split", "data.s3_endpoint", "data.s3_region", "data.s3_max_attempts",
+    "data.s3_connect_timeout_s", "data.s3_request_timeout_s", "data.skip_unreadable_files",
+    "data.max_bad_fraction",
+    "train.stop_at_step", "train.use_gpu", "train.cpus_per_worker", "train.zero_bucket_size",
+    "train.checkpoint_every", "train.log_every", "train.num_to_keep", "train.max_failures",
+    "train.resource_wait_s", "train.run_name", "train.storage_path", "train.visualize_every",
+    "train.visualize_images", "train.resume_mismatch_ok",
+})
+# keys whose effect is the LR schedule: compared through the resolved schedule (`schedule_keys`),
+# so that two spellings of one schedule (max_steps vs epochs x steps_per_epoch) are the same
+SCHEDULE_KEYS = frozenset({"train.epochs", "train.max_steps", "train.steps_per_epoch",
+                           "train.warmup_epochs", "train.warmup_steps"})
+SCHEDULE_FROM = {"schedule.total_steps": "train.max_steps, else train.epochs x steps per epoch",
+                 "schedule.warmup_steps": "train.warmup_steps, else train.warmup_epochs",
+                 "schedule.steps_per_epoch": "train.steps_per_epoch, else the dataset's size"}
+# what a checkpoint written before a key existed was trained with (absent keys are otherwise
+# not compared: an older checkpoint never blocks a resume by lacking a newer key)
+BEFORE_THE_KEY = {"model.projection_bias": True}
 
 
 def resume_keys(cfg: XTRAConfig) -> dict[str, Any]:
-    """The model and batch config a checkpoint is bound to, as flat `section.key` values."""
-    model = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
-    out = {k: v for k, v in model.items() if k not in EXECUTION_KEYS}
-    out.update({k: getattr(cfg.train, k.split(".", 1)[1]) for k in BATCH_KEYS})
+    """What a checkpoint is bound to, as flat `section.key` values: every model, data and train
+    key except `FREE_KEYS` and the schedule's raw keys; URIs redacted (the file sits in the
+    run's storage)."""
+    from pipelines.redaction import redact
+
+    out: dict[str, Any] = {}
+    for section in ("model", "data", "train"):
+        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
+            key = f"{section}.{k}"
+            if key not in FREE_KEYS and key not in SCHEDULE_KEYS:
+                out[key] = redact(v) if isinstance(v, str) else v
     return json.loads(json.dumps(out))  # tuples -> lists, as they come back from JSON
 
 
+def schedule_keys(cfg: XTRAConfig, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+    """The resolved LR schedule (warmup + cosine over the run's length) as `schedule.*` values."""
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
+    return {"schedule.total_steps": int(total_steps), "schedule.warmup_steps": int(min(warmup, max(0, total_steps - 1))),
+            "schedule.steps_per_epoch": int(steps_per_epoch)}
+
+
 def checkpoint_state(cfg: XTRAConfig, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """What rank 0 writes to `STATE_FILE`."""
+    """What rank 0 writes to `STATE_FILE` (the worker adds the resolved schedule: `seal`)."""
     return {"step": step, **metrics, "config": resume_keys(cfg)}
+
+
+def seal(checkpoint_dir: str, schedule: dict[str, Any]) -> None:
+    """Rank 0, before reporting a checkpoint: the resolved schedule into its state file."""
+    path = Path(checkpoint_dir, STATE_FILE)
+    if path.exists():
+        state = json.loads(path.read_text())
+        state.setdefault("config", {}).update(schedule)
+        path.write_text(json.dumps(state))
 
 
 def _open(storage: str, cfg: XTRAConfig) -> tuple[pafs.FileSystem, str]:
@@ -89,26 +130,75 @@ def latest_checkpoint(storage: str, run_name: str, cfg: XTRAConfig) -> tuple[int
     return step, state
 
 
+def latest_checkpoint_ref(storage: str, run_name: str, cfg: XTRAConfig):  # -> ray.train.Checkpoint | None
+    """The newest checkpoint Ray Train registered for this run, as a Checkpoint on the run's
+    storage (local or S3), None if there is none."""
+    from ray.train import Checkpoint
+
+    fs, root = _open(storage, cfg)
+    snapshot = _read_json(fs, f"{root}/{run_name}/{SNAPSHOT_FILE}")
+    name = ((snapshot or {}).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not name:
+        return None
+    path = f"{root}/{run_name}/{name}"
+    return Checkpoint(path) if fs.type_name == "local" else Checkpoint(path, filesystem=fs)
+
+
 def latest_checkpoint_step(storage: str, run_name: str, cfg: XTRAConfig) -> int:
     """Step of the newest checkpoint Ray Train registered for this run (0 if none)."""
     return latest_checkpoint(storage, run_name, cfg)[0]
 
 
-def check_resume_config(cfg: XTRAConfig, state: dict[str, Any] | None) -> list[str]:
-    """The keys whose value differs from the checkpoint's; raises UserError naming them unless
-    `train.resume_mismatch_ok`. Checkpoints without a recorded config are not checked."""
-    saved = (state or {}).get("config")
+def _lr_curve(v: dict[str, Any], steps: list[int]) -> list[float]:
+    from xtra_core.optim import warmup_cosine_lr
+
+    return [warmup_cosine_lr(s, v["schedule.total_steps"], v["schedule.warmup_steps"], v["train.lr"],
+                             v["train.min_lr"], v.get("train.warmup_start_lr", 0.0)) for s in steps]
+
+
+def schedule_extends(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """A changed run length is only allowed when the schedule says so: every step both schedules
+    have gets the same LR (a flat schedule, `train.lr` = `train.min_lr` after the warmup, grows
+    or shrinks freely; a cosine's length is the run's length, so there it changes every later
+    step). Sampled at up to 2,000 steps, the ends included."""
+    keys = ("schedule.total_steps", "schedule.warmup_steps", "train.lr", "train.min_lr")
+    if any(k not in saved for k in keys):
+        return False
+    common = min(saved["schedule.total_steps"], now["schedule.total_steps"])
+    stride = max(1, common // 2000)
+    steps = sorted({*range(0, common, stride), common - 1})
+    return all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+               for a, b in zip(_lr_curve(saved, steps), _lr_curve(now, steps), strict=True))
+
+
+def check_resume_config(cfg: XTRAConfig, state: dict[str, Any] | None,
+                        schedule: dict[str, Any] | None = None) -> list[str]:
+    """The changes from the checkpoint's config, `key=old -> new`; raises UserError naming them
+    unless `train.resume_mismatch_ok`. Compared: `resume_keys` and the resolved `schedule`; a
+    new run length alone passes when `schedule_extends` says so (and is returned, to be
+    recorded). Keys the checkpoint lacks (written before they existed) are not compared, except
+    `BEFORE_THE_KEY`'s; checkpoints without a recorded config are not checked."""
+    saved = dict((state or {}).get("config") or {})
     if not saved:
         return []
-    now = resume_keys(cfg)
-    changed = [f"{k}={saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-    if changed and not cfg.train.resume_mismatch_ok:
+    for k, v in BEFORE_THE_KEY.items():
+        saved.setdefault(k, v)
+    now = {**resume_keys(cfg), **(schedule or {})}
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    lines = [f"{k}={saved[k]!r} -> {now[k]!r}" + (f" (from {SCHEDULE_FROM[k]})" if k in SCHEDULE_FROM else "")
+             for k in changed]
+    length_only = set(changed) <= {"schedule.total_steps"}
+    if changed and not cfg.train.resume_mismatch_ok and not (length_only and schedule_extends(saved, now)):
+        why = ""
+        if "schedule.total_steps" in changed:
+            why = (" (the cosine schedule runs over the whole run: another length changes the LR of "
+                   "every later step; train.stop_at_step ends an invocation early without that)")
         raise UserError(
             f"run {cfg.train.run_name!r} resumes from a checkpoint of another config: "
-            f"{', '.join(changed)}; use another train.run_name, or "
+            f"{', '.join(lines)}{why}; use another train.run_name, or "
             f"--set train.resume_mismatch_ok=true to go on"
         )
-    return changed
+    return lines
 
 
 def consolidate_encoder(checkpoint_dir: str) -> dict[str, torch.Tensor]:

@@ -13,9 +13,13 @@ with the same `train.run_name` and `train.storage_path` resumes from the newest 
 stream restarts at the checkpoint's image row, so the run continues as if never interrupted.
 `train.max_failures` lets Ray restart a failed worker group automatically from the latest checkpoint.
 
-Before the fit the driver checks what cannot work: the tracking server, the dataset listing, the
-resources (`resources.check_resources`: judged against what the cluster can grow to),
-and a resumed run's config against its checkpoint's (`checkpoints.check_resume_config`).
+Before the fit the driver takes the run's lease (`lease.py`: one run per `train.run_name` at a
+time) and checks what cannot work: the tracking server, the dataset listing, a resumed run's
+config against its checkpoint's (`checkpoints.check_resume_config`: what the run computes and its
+resolved schedule; accepted changes are recorded on the MLflow run), the resources
+(`resources.check_resources`: judged against what the cluster can grow to). A run whose
+checkpoints reached the last step but whose end (export, registration) failed is finished by
+the same command again (`finish_trained_run`).
 At the end it consolidates the full-precision encoder from the final checkpoint (ZeRO shards
 included), exports it (safetensors + config, re-read and compared) and registers it in the MLflow
 Model Registry.
@@ -54,14 +58,18 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
     consolidate_encoder,
     consolidate_model,
     latest_checkpoint,
+    latest_checkpoint_ref,
     latest_checkpoint_step,
+    schedule_keys,
 )
+from pipelines.pretrain.lease import RunLease
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
 from pipelines.pretrain.resources import check_resources
 from pipelines.pretrain.trainer import deepspeed_config  # noqa: F401 - re-exported
 from pipelines.pretrain.worker import train_loop_per_worker
+from pipelines.redaction import redact
 from pipelines.tracking import registry, store
 from pipelines.tracking import runs as tracking
 from pipelines.visualize.during_training import finish_pictures, training_pictures
@@ -95,22 +103,35 @@ def run_pretraining(
     store.check_tracking(uri)  # before any compute
 
     stream: TrainStream = build_train_stream(cfg)  # lists the files: a bad URI fails here, first
+    lease_fs, lease_root = open_storage(storage, cfg)
+    with RunLease(lease_fs, f"{lease_root}/{run_name}", run_name):  # one run per name at a time
+        return _pretrain(cfg, stream, uri, callbacks, parent_run_id, register)
+
+
+def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequence[UserCallback],
+              parent_run_id: str | None, register: bool) -> dict[str, Any]:
+    """`run_pretraining` once the run's lease is held."""
+    run_name, storage = str(cfg.train.run_name), str(cfg.train.storage_path)
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     console.quiet_ray_data()  # the driver prints one status line per report
-    # resources and the checkpoint's config are checked before anything is started or logged
-    cfg.train.cpus_per_worker = check_resources(cfg, storage_path=storage)  # may wait for the autoscaler
+    # the checkpoint's config is checked before anything is started or logged
     start_step, state = latest_checkpoint(storage, run_name, cfg)
-    changed = check_resume_config(cfg, state)
-    if changed:
-        log.warning("resuming %s with a changed config (train.resume_mismatch_ok): %s",
-                    run_name, ", ".join(changed))
     plan = plan_run(cfg, stream.num_images, start_step)
+    changed = check_resume_config(cfg, state, schedule_keys(cfg, plan.total_steps, plan.steps_per_epoch))
+    if changed:
+        log.warning("resuming %s at step %d with a changed config (recorded on the run): %s",
+                    run_name, start_step, ", ".join(changed))
+    if plan.trained:  # the steps are done: finish the end (export, registration) if it is missing
+        return finish_trained_run(cfg, uri, plan, state, register, parent_run_id)
+    cfg.train.cpus_per_worker = check_resources(cfg, storage_path=storage)  # may wait for the autoscaler
     rows = (plan.stop_step - plan.start_step) * cfg.train.global_batch_size
     bad_files = bad_file_counter(plan.bad_files_actor)  # held by the driver for the whole fit
     dataset = stream.dataset(plan.start_step * cfg.train.global_batch_size, rows, bad_files)
 
     run_id = tracking.start_or_resume_run(uri, cfg, run_name, parent_run_id)
+    if changed and run_id:
+        tracking.record_resume_changes(uri, run_id, start_step, changed, cfg)
     model = build_model(cfg.model)
     print(
         f"[xtra] run {run_name}: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -166,17 +187,69 @@ def run_pretraining(
     if pictures:
         out["pictures"] = finish_pictures(pictures)
     if plan.stop_step == plan.total_steps:
-        out.update(export_and_register(cfg, result.checkpoint, uri, run_id, register))
+        out.update(finish_end(cfg, result.checkpoint, uri, run_id, register))
     elif run_id:
         tracking.finish_run(uri, run_id, "KILLED")  # stopped early on purpose; resumable
     return out
 
 
+def finish_trained_run(cfg: XTRAConfig, uri: str, plan: RunPlan, state: dict[str, Any] | None,
+                       register: bool, parent_run_id: str | None) -> dict[str, Any]:
+    """A run whose checkpoints reached the last step: if its end (export, registration, alias,
+    final status) did not finish (MLflow down at the end, the driver gone while consolidating),
+    finish it from the last checkpoint; else there is nothing to do."""
+    run_name = str(cfg.train.run_name)
+    found = tracking.find_pretraining_run(uri, cfg.mlflow.experiment, run_name)
+    tags = dict(found.data.tags) if found is not None else {}
+    legacy_done = (found is not None and found.info.status == "FINISHED"
+                   and tracking.END_TAG not in tags and tracking.REGISTERED_VERSION_TAG not in tags)
+    if tags.get(tracking.END_TAG) == "done" or legacy_done:
+        raise UserError(f"run {run_name!r} already reached its last step {plan.start_step} and its "
+                        "encoder was exported; nothing to train (give another train.run_name for a new run)")
+    checkpoint = latest_checkpoint_ref(str(cfg.train.storage_path), run_name, cfg)
+    if checkpoint is None:
+        raise UserError(f"run {run_name!r}: no checkpoint to finish the run from")
+    print(f"[xtra] run {run_name} reached its last step {plan.start_step} before, but its end did not "
+          f"finish: exporting and registering the encoder from {checkpoint.path}", flush=True)
+    run_id = tracking.start_or_resume_run(uri, cfg, run_name, parent_run_id)
+    out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.start_step,
+                           "metrics": {k: v for k, v in (state or {}).items() if k != "config"},
+                           "checkpoint": checkpoint.path, "finished_end": True}
+    out.update(finish_end(cfg, checkpoint, uri, run_id, register))
+    return out
+
+
+def finish_end(cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None,
+               register: bool) -> dict[str, Any]:
+    """The end of a trained run: export and register (`export_and_register`), then the tag that
+    says the end is done and the final status. A failure ends in one line that says how to finish
+    it: the same command again (it comes back here through `finish_trained_run`)."""
+    try:
+        done = tracking.run_tags(uri, run_id).get(tracking.REGISTERED_VERSION_TAG) if run_id else None
+        out = export_and_register(cfg, checkpoint, uri, run_id, register, registered_version=done)
+        if run_id:
+            tracking.set_run_tag(uri, run_id, tracking.END_TAG, "done")
+            if register:  # a sweep's trial sets its run's status itself, after probing
+                tracking.finish_run(uri, run_id, "FINISHED")
+    except Exception as e:
+        if run_id:
+            tracking.finish_run(uri, run_id, "FAILED", attempts=1)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(
+            f"run {cfg.train.run_name!r} reached its last step, but exporting or registering its "
+            f"encoder failed ({type(e).__name__}: {redact(first)}); run the same command again (same "
+            "train.run_name) to finish it from the last checkpoint"
+        ) from e
+    return out
+
+
 def export_and_register(
-    cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None, register: bool = True
+    cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | None, register: bool = True,
+    registered_version: str | None = None,
 ) -> dict[str, Any]:
     """Consolidate the fp32 encoder from the final checkpoint, export it (safetensors + config)
-    and register it (or, with `register=False`, log the files to the run)."""
+    and register it (or, with `register=False`, log the files to the run). `registered_version`:
+    the version an earlier try registered (tagged on the run), not registered again."""
     # DeepSpeed's import names the accelerator it found, zero_to_fp32 prints its progress
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     with checkpoint.as_directory() as d, console.captured_unless_verbose():
@@ -200,7 +273,13 @@ def export_and_register(
     if not register:
         tracking.log_encoder_files(uri, run_id, export_dir)
         return {"export_dir": str(export_dir), "model_dir": str(model_dir)}
-    info = registry.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
+    if registered_version:
+        name = cfg.mlflow.registered_model
+        info = {"name": name, "version": registered_version, "model_uri": f"models:/{name}/{registered_version}"}
+    else:
+        info = registry.register_encoder(uri, run_id, export_dir, cfg.mlflow.registered_model)
+        if run_id:  # a re-run after a failure below sets the alias on this version, not a new one
+            tracking.set_run_tag(uri, run_id, tracking.REGISTERED_VERSION_TAG, info["version"])
     if cfg.mlflow.alias:
         registry.set_alias(info["name"], info["version"], cfg.mlflow.alias, uri)
         info["alias"] = cfg.mlflow.alias

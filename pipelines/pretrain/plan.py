@@ -52,10 +52,16 @@ class RunPlan:
     stop_step: int
     bad_files_actor: str = ""
 
+    @property
+    def trained(self) -> bool:
+        """The run's checkpoints already reached its last step: only the end may be missing."""
+        return self.start_step >= self.total_steps
+
 
 def plan_run(cfg: XTRAConfig, num_images: int, start_step: int) -> RunPlan:
     """Steps per epoch from the dataset size (or `train.steps_per_epoch`), the run's length from
-    `train.max_steps` or `train.epochs`, this invocation's end from `train.stop_at_step`."""
+    `train.max_steps` or `train.epochs`, this invocation's end from `train.stop_at_step`. A run
+    whose checkpoints reached its last step gets a plan with nothing to train (`trained`)."""
     t = cfg.train
     steps_per_epoch = t.steps_per_epoch or num_images // t.global_batch_size
     if steps_per_epoch < 1:
@@ -65,7 +71,7 @@ def plan_run(cfg: XTRAConfig, num_images: int, start_step: int) -> RunPlan:
         )
     total = t.max_steps or t.epochs * steps_per_epoch
     stop = min(total, t.stop_at_step) if t.stop_at_step else total
-    if start_step >= stop:
+    if stop <= start_step < total:
         raise UserError(f"run {t.run_name!r} already reached step {start_step} of {stop}; nothing to train")
     return RunPlan(total, steps_per_epoch, num_images, start_step, stop,
                    bad_files_actor=f"xtra-bad-files-{t.run_name}-{uuid.uuid4().hex[:8]}")

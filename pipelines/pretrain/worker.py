@@ -16,6 +16,7 @@ import torch
 from ray.train import Checkpoint
 
 from pipelines.data.images import normalize
+from pipelines.pretrain.checkpoints import schedule_keys, seal
 from pipelines.pretrain.plan import RunPlan
 from pipelines.pretrain.trainer import build_engine, fit, resume, skip
 from xtra_core.config import XTRAConfig, config_from_dict
@@ -41,7 +42,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return {"bad_files": bad_files.since_last(),
                 "optimizer_state_mb": optimizer_state_bytes(engine) / 2**20}  # this rank
 
-    step = fit(engine, scheduler, batches, cfg, plan, step, report, rank, extra_metrics)
+    schedule = schedule_keys(cfg, plan.total_steps, plan.steps_per_epoch)
+
+    def report_checkpoint(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None and rank == 0:
+            seal(checkpoint_dir, schedule)  # the resolved schedule, that a resume compares
+        report(metrics, checkpoint_dir)
+
+    step = fit(engine, scheduler, batches, cfg, plan, step, report_checkpoint, rank, extra_metrics)
     if step < plan.stop_step:
         raise RuntimeError(
             f"the data stream ended at step {step} before step {plan.stop_step}: "

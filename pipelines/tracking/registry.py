@@ -162,14 +162,62 @@ def model_version(ref: str, uri: str | None = None):  # -> mlflow ModelVersion
         raise UserError(f"model {ref!r} not found in the registry at {redact(uri or mlflow.get_tracking_uri())}: {redact(e.message)}") from None
 
 
+def _inside(location: str, root: str) -> bool:
+    """`location` lies in `root` (URIs or local paths; `file:` URIs and plain paths compare as
+    resolved paths, so `..` and symbolic links cannot climb out)."""
+    import urllib.parse
+
+    def local(u: str) -> str | None:
+        parts = urllib.parse.urlsplit(u)
+        if parts.scheme in ("", "file") or len(parts.scheme) == 1:  # a path (or C:\ on Windows)
+            return os.path.realpath(urllib.parse.unquote(parts.path) if parts.scheme == "file" else u)
+        return None
+
+    loc, base = local(location), local(root)
+    if loc is not None and base is not None:
+        return loc == base or loc.startswith(base.rstrip("/") + "/")
+    if loc is None and base is None:
+        return location.rstrip("/") == root.rstrip("/") or location.startswith(root.rstrip("/") + "/")
+    return False
+
+
+def check_source_inside(mv: Any, ref: str, uri: str | None, allow_outside_source: bool = False) -> str:
+    """A registered version is only followed where its files lie in the tracking store's own
+    artifact store (the artifact location of the experiment of the run that registered it): a
+    version whose source points elsewhere (a local path on this machine, another bucket) is
+    refused unless `allow_outside_source` (`xtra export --allow-outside-source`). Returns where
+    the files are: what the caller downloads, exactly what was checked."""
+    c = client(uri)
+    where = c.get_model_version_download_uri(mv.name, str(mv.version))
+    if allow_outside_source:
+        return where
+    root = None
+    if mv.run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            root = c.get_experiment(c.get_run(mv.run_id).info.experiment_id).artifact_location
+        except MlflowException:
+            root = None
+    if root is None or not _inside(where, root):
+        raise UserError(
+            f"model {ref!r} (version {mv.version} of {mv.name}): its files are at {redact(where)}, outside "
+            f"the tracking store's artifacts ({redact(root) if root else 'it has no run'}); not followed. "
+            "If you trust that location: `xtra export --allow-outside-source`, then use the exported folder"
+        )
+    return where
+
+
 def _version_info(mv: Any, ref: str) -> dict[str, Any]:
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": ref}
 
 
-def resolve_model(ref: str, uri: str | None = None) -> tuple[Path, dict[str, Any]]:
+def resolve_model(ref: str, uri: str | None = None,
+                  allow_outside_source: bool = False) -> tuple[Path, dict[str, Any]]:
     """A `models:/name/version`, `models:/name@alias` or local export dir -> (export dir, info).
 
-    info has the registry's name/version/run_id where the reference is a registry URI."""
+    info has the registry's name/version/run_id where the reference is a registry URI. A version
+    whose files lie outside the store is refused (`check_source_inside`)."""
     path = Path(ref)
     if not ref.startswith("models:/"):
         if not path.exists():
@@ -180,8 +228,8 @@ def resolve_model(ref: str, uri: str | None = None) -> tuple[Path, dict[str, Any
     import mlflow
 
     mv = model_version(ref, uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
-                                                tracking_uri=uri, registry_uri=uri)
+    where = check_source_inside(mv, ref, uri, allow_outside_source)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=where, tracking_uri=uri, registry_uri=uri)
     return _find_export(Path(local)), _version_info(mv, ref)
 
 

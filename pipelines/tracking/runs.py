@@ -33,6 +33,10 @@ logger = logging.getLogger("xtra.tracking")
 
 RUN_NAME_TAG = "xtra.run_name"
 METRIC_KEYS = ("loss", "lr", "images_per_s", "bad_files", "epoch", "resumed_from_step")
+# the end of a pretraining run, as tags: the version it registered, then "done" once the encoder
+# is registered (or logged) with its alias; a re-run of a trained run finishes what is missing
+REGISTERED_VERSION_TAG = "xtra.registered_version"
+END_TAG = "xtra.end"
 FULL_MODEL_ARTIFACT = "full_model"  # a pretraining run's artifact: the whole XTRA (model.safetensors)
 
 
@@ -90,6 +94,27 @@ def start_or_resume_run(
         path.write_text(yaml.safe_dump(public_config(cfg), sort_keys=False))
         c.log_artifact(run_id, str(path))
     return run_id
+
+
+def record_resume_changes(uri: str, run_id: str, step: int, changes: list[str], cfg: XTRAConfig) -> None:
+    """Config changes accepted on a resume at `step` (MLflow params are write-once): a tag
+    `xtra.resume_changes.step<N>` and the resumed config as the artifact `config_step<N>.yaml`."""
+    import yaml
+
+    c = client(uri)
+    c.set_tag(run_id, f"xtra.resume_changes.step{step}", redact("; ".join(changes))[:5000])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d, f"config_step{step}.yaml")
+        path.write_text(yaml.safe_dump(public_config(cfg), sort_keys=False))
+        c.log_artifact(run_id, str(path))
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(client(uri).get_run(run_id).data.tags)
+
+
+def set_run_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    client(uri).set_tag(run_id, key, value)
 
 
 def log_step_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
