@@ -32,8 +32,9 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of regi
 # model keys that change how a step is computed, not what is computed: free to change on resume
 EXECUTION_KEYS = ("model.compile", "model.activation_checkpointing", "model.attention")
 # train keys that a checkpoint's weights, optimiser shards or stream position depend on
+# (train.bf16 as resolved on the workers: a bf16 run resumed on fp32 hardware is a change)
 BATCH_KEYS = ("train.global_batch_size", "train.micro_batch_size", "train.num_workers",
-              "train.zero_stage")
+              "train.zero_stage", "train.bf16")
 
 
 def resume_keys(cfg: XTRAConfig) -> dict[str, Any]:
@@ -101,7 +102,8 @@ def check_resume_config(cfg: XTRAConfig, state: dict[str, Any] | None) -> list[s
     if not saved:
         return []
     now = resume_keys(cfg)
-    changed = [f"{k}={saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    # a key the checkpoint does not record (written before the key was checked) is not compared
+    changed = [f"{k}={saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     if changed and not cfg.train.resume_mismatch_ok:
         raise UserError(
             f"run {cfg.train.run_name!r} resumes from a checkpoint of another config: "

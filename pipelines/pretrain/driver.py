@@ -57,6 +57,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
     latest_checkpoint_step,
 )
 from pipelines.pretrain.plan import RunPlan, default_run_name, plan_run, storage_path  # noqa: F401
+from pipelines.pretrain.precision import resolve_on_workers
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.resources import worker_cpus
 from pipelines.pretrain.stream import TrainStream, build_train_stream, open_storage
@@ -100,6 +101,9 @@ def run_pretraining(
     console.quiet_ray_data()  # the driver prints one status line per report
     # resources and the checkpoint's config are checked before anything is started or logged
     cfg.train.cpus_per_worker = worker_cpus(cfg, ray.cluster_resources())
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    precision = resolve_on_workers(cfg, resources)  # "auto" on a worker's hardware
+    cfg.train.bf16 = precision.bf16  # the workers, the checkpoint and MLflow see the resolved value
     start_step, state = latest_checkpoint(storage, run_name, cfg)
     changed = check_resume_config(cfg, state)
     if changed:
@@ -117,7 +121,7 @@ def run_pretraining(
         f"{stream.num_images} images, steps {plan.start_step}->{plan.stop_step} of {plan.total_steps} "
         f"({plan.steps_per_epoch}/epoch), {cfg.train.num_workers} workers x micro batch "
         f"{cfg.train.micro_batch} x accum {cfg.train.grad_accum_steps}, ZeRO-{cfg.train.zero_stage}, "
-        f"{cfg.train.cpus_per_worker:g} CPU per worker",
+        f"{cfg.train.cpus_per_worker:g} CPU per worker, {precision.describe()}",
         flush=True,
     )
     del model
@@ -125,7 +129,6 @@ def run_pretraining(
     storage_fs, storage_root = open_storage(storage, cfg)  # s3:// -> (S3 filesystem, bucket/prefix)
     if storage_fs.type_name == "local":
         storage_fs = None
-    resources = {"CPU": cfg.train.cpus_per_worker}
     relay = StatusRelay()
     pictures = training_pictures(cfg, run_id, uri, plan.start_step, plan.stop_step, stream.listing,
                                  consolidate_model)

@@ -249,9 +249,18 @@ def test_presets_carry_table_2_attentive_probe_settings(name: str, image: int, r
     assert p.crop_scale == (0.08, 1.0) and p.crop_ratio == pytest.approx((0.75, 1.333), abs=1e-3)
     assert (p.hflip_prob, p.rand_augment, p.random_erasing) == (0.5, "rand-m9-mstd0.5-inc1", 0.25)
     assert (p.attentive_heads, p.attentive_last_n) == (16, 6)
+    assert p.attentive_features == "augmented" and p.linear_solver == "lbfgs"
     assert (cfg.model.image_size, p.eval_resize) == (image, resize)  # resize, then centre crop
     if name == "vit_h14":
         assert cfg.model.head_hidden == 9408
+
+
+def test_tiny_probe_defaults_are_the_small_data_recipe_and_table_2_stays_in_the_big_presets():
+    p = preset("tiny").probe
+    assert (p.attentive_features, p.epochs, p.warmup_epochs, p.lrs) == ("cached", 40, 4.0,
+                                                                        (1e-2, 3e-2))
+    assert p.attentive_last_n == 2 and p.linear_solver == "lbfgs"
+    assert preset("vit_b16").probe.epochs == preset("vit_h14").probe.epochs == 100
 
 
 def test_frozen_encoder_is_bit_identical_after_probe_training():
@@ -377,9 +386,10 @@ def test_attentive_probe_on_cached_features_encodes_the_train_images_once(
     encoder = random_encoder(cfg.model, seed=7)
     out = attentive.train_attentive(cfg, splits, {k: v for k, v in encoder.state_dict().items()})
     n_train, n_val, n_test = len(splits.train), len(splits.val), len(splits.test)
-    evals = 3 * n_val + n_test  # val after every epoch, test once
-    train_passes = 1 if features == "cached" else 3
-    assert sum(encoded) == train_passes * n_train + evals, (features, encoded)
+    if features == "cached":  # every split's eval views once
+        assert sum(encoded) == n_train + n_val + n_test, (features, encoded)
+    else:  # fresh views every epoch, val after every epoch, test once
+        assert sum(encoded) == 3 * n_train + 3 * n_val + n_test, (features, encoded)
     assert out["features"] == features
     # one colour per class: learnt from the clean views; RandAugment recolours a third of the
     # augmented ones, so 3 epochs there only beat chance (1/6) well
