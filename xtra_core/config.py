@@ -287,7 +287,7 @@ class ProbeConfig:
         1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1,
     )  # L2 strength on the mean cross-entropy, (wd / 2) * ||W||^2
     linear_max_iter: int = 1000  # L-BFGS iterations per weight decay, at most
-    linear_tolerance: float = 1e-4  # L-BFGS stops when every gradient entry is below this
+    linear_tolerance: float = 1e-3  # L-BFGS stops when every gradient entry is below this
     attentive_last_n: int = 6
     attentive_heads: int | None = None  # default: the encoder's heads
     # "augmented" (Table 2: fresh augmented views every epoch) or "cached" (the eval views'
