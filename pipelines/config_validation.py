@@ -90,6 +90,7 @@ CONSTRAINTS: dict[str, Any] = {
     "probe.grad_clip": _NON_NEG,
     "probe.batch_size": Field(ge=2),  # the probes' BatchNorm needs two samples
     "probe.max_train_images": _AT_LEAST_1,
+    "probe.max_test_images": _AT_LEAST_1,
     "probe.val_fraction": Field(gt=0.0, lt=1.0),
     "probe.attentive_last_n": _AT_LEAST_1,
     "probe.attentive_heads": _AT_LEAST_1,

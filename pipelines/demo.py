@@ -11,7 +11,8 @@
 Each stage prints its time, and the demo ends with the total and the two commands that show what
 it made (the MLflow UI, `xtra visualize` on the registered encoder).
 
-    python -m pipelines.demo [--out demo_out] [--steps 320] [--probe-images 1000] [--verbose]
+    python -m pipelines.demo [--out demo_out] [--steps 320] [--probe-images 300]
+                             [--test-images 2000] [--verbose]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipelines.config_io import load_config
 from pipelines.pretrain.plan import default_run_name
 
 BATCH = 64  # images per pretraining step (2 workers x 32)
+PREPARE_LIMIT = 20_000  # Fashion-MNIST images prepared per split (train: a seeded subsample)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,8 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_out", help="folder for data, runs and the MLflow store")
     p.add_argument("--steps", type=int, default=320,
                    help=f"pretraining optimiser steps (batch {BATCH})")
-    p.add_argument("--probe-images", type=int, default=1000,
+    p.add_argument("--probe-images", type=int, default=300,
                    help="labelled train images for the probes (10%% of them for val)")
+    p.add_argument("--test-images", type=int, default=2000,
+                   help="test images the probes are scored on (a seeded subsample of 10,000)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     return p.parse_args(argv)
 
@@ -75,9 +79,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             return
         from pipelines.data.commands import prepare
 
-        prepare("fashion-mnist", str(data), None, None)
+        # pretraining reads each train image about once: no need to write all 60,000
+        prepare("fashion-mnist", str(data), None, PREPARE_LIMIT)
 
-    stages.run("prepare", f"preparing Fashion-MNIST into {data}", prepare_data)
+    stages.run("prepare", f"preparing Fashion-MNIST ({PREPARE_LIMIT:,} train images, the 10,000 "
+               f"test images) into {data}", prepare_data)
 
     from pipelines.pretrain.driver import run_pretraining
     from pipelines.probe.driver import probe
@@ -106,7 +112,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     model_uri = result["model_uri"]
 
     # the tiny preset's probe defaults as `xtra probe --kind both` types them
-    cfg_probe = load_config("tiny", common + [f"probe.max_train_images={args.probe_images}"])
+    cfg_probe = load_config("tiny", common + [f"probe.max_train_images={args.probe_images}",
+                                              f"probe.max_test_images={args.test_images}"])
     kinds = ["linear", "attentive"]
     trained = stages.run("probe_pretrained", f"probing {model_uri} (linear + attentive)",
                          probe, cfg_probe, model_uri, kinds)
@@ -119,7 +126,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "top5": {f"{k}_{w}": r.get("top5") for w, rs in (("pretrained", trained),
                                                               ("random_init", random))
                      for k, r in zip(kinds, rs)},
-            "steps": args.steps, "probe_images": args.probe_images, "model_uri": model_uri,
+            "steps": args.steps, "probe_images": args.probe_images,
+            "test_images": args.test_images, "model_uri": model_uri,
             "run_id": result["run_id"], "tracking_uri": tracking, "data": str(data),
             "checkpoints": str(out / "runs" / run_name),
             "run_line_precision": cfg.train.bf16}

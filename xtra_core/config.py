@@ -275,6 +275,7 @@ class ProbeConfig:
     grad_clip: float = 3.0
     batch_size: int = 128
     max_train_images: int | None = None  # a seeded subsample of train
+    max_test_images: int | None = None  # a seeded subsample of test (None: the whole split)
     val_fraction: float = 0.1  # carved out of train, never the test split
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)

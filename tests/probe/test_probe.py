@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines import cli
+from pipelines.config_io import load_config
 from pipelines.errors import UserError
 from pipelines.probe.driver import (
     check_labels,
@@ -22,7 +23,7 @@ from pipelines.probe.driver import (
     split_listings,
     state_checksum,
 )
-from xtra_core.config import ModelConfig, ProbeConfig, build_config, preset
+from xtra_core.config import ConfigError, ModelConfig, ProbeConfig, build_config, preset
 from xtra_core.export import save_encoder
 from xtra_core.probes import (
     AttentiveProbe,
@@ -308,6 +309,22 @@ def test_val_split_is_seeded_carved_from_train_and_never_test(tmp_path):
     assert set(again.val.table.column("path").to_pylist()) == val
     other = split_listings(data_cfg(root, max_train_images=20, val_fraction=0.25, seed=1))
     assert set(other.val.table.column("path").to_pylist()) != val
+
+
+def test_max_test_images_is_a_seeded_subsample_of_test(tmp_path):
+    root = make_color_dataset(tmp_path / "d", n_train=4, n_test=5, classes=3)  # 15 test images
+
+    def test_paths(**probe):
+        return split_listings(data_cfg(root, **probe)).test.table.column("path").to_pylist()
+
+    full = test_paths()
+    few = test_paths(max_test_images=6)
+    assert len(full) == 15 and len(few) == 6 and set(few) < set(full)
+    assert test_paths(max_test_images=6) == few
+    assert test_paths(max_test_images=6, seed=1) != few
+    assert test_paths(max_test_images=100) == full
+    with pytest.raises(ConfigError, match="probe.max_test_images"):
+        load_config("tiny", [f"data.uri={root}", "probe.max_test_images=0"])
 
 
 def test_dataset_without_labels_is_a_clear_error(tmp_path):
