@@ -24,7 +24,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: venv
+# the install's time is printed apart from the demo's own stages (which print theirs)
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory venv; \
+	  echo "[demo] install (venv, deps, Fashion-MNIST package): $$(( $$(date +%s) - t0 )) s"
 	$(BIN)/python -m pipelines.demo
 
 test: venv

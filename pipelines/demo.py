@@ -1,51 +1,89 @@
 """`make demo`: the whole product on one machine, in minutes, on CPU.
 
 1. `xtra data prepare --source fashion-mnist` into `<out>/fashion-mnist` (Debian's package files).
-2. `xtra pretrain` of the `tiny` preset with 2 Ray workers under DeepSpeed ZeRO-2; the encoder is
-   registered in the MLflow Model Registry (sqlite store in `<out>/mlflow.db`).
-3. `xtra probe` (linear + attentive) on the registered encoder and on a random-init encoder of the
-   same config, printed side by side.
+2. `xtra pretrain` of the `tiny` preset with 2 Ray workers under DeepSpeed ZeRO-2, in the fastest
+   precision the hardware has (`train.bf16: auto`); the encoder is registered in the MLflow Model
+   Registry (sqlite store in `<out>/mlflow.db`), with the Figure-4 picture logged at the end.
+3. `xtra probe --kind both` with the `tiny` preset's probe defaults as typed (linear: L-BFGS path;
+   attentive: cached features, one feature pass for both) on the registered encoder,
+4. and on a random-init encoder of the same config; printed side by side.
 
-    python -m pipelines.demo [--out demo_out] [--steps 300] [--probe-images 5000] [--verbose]
+Each stage prints its time, and the demo ends with the total and the two commands that show what
+it made (the MLflow UI, `xtra visualize` on the registered encoder).
+
+    python -m pipelines.demo [--out demo_out] [--steps 320] [--probe-images 300]
+                             [--test-images 2000] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from pipelines import console
 from pipelines.config_io import load_config
 from pipelines.pretrain.plan import default_run_name
 
+BATCH = 64  # images per pretraining step (2 workers x 32)
+PREPARE_LIMIT = 20_000  # Fashion-MNIST images prepared per split (train: a seeded subsample)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="folder for data, runs and the MLflow store")
-    p.add_argument("--steps", type=int, default=300, help="pretraining optimiser steps (batch 64)")
-    p.add_argument("--probe-images", type=int, default=5000, help="train images for the probes")
-    p.add_argument("--probe-epochs", type=int, default=40,
-                   help="epochs of attentive-probe training (on cached features)")
+    p.add_argument("--steps", type=int, default=320,
+                   help=f"pretraining optimiser steps (batch {BATCH})")
+    p.add_argument("--probe-images", type=int, default=300,
+                   help="labelled train images for the probes (10%% of them for val)")
+    p.add_argument("--test-images", type=int, default=2000,
+                   help="test images the probes are scored on (a seeded subsample of 10,000)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    console.configure(args.verbose)
+class Stages:
+    """`[demo] k/n <what>` when a stage starts, `[demo] k/n done in 12.3 s` when it ends."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.k, self.times = total, 0, {}
+        self.t0 = time.perf_counter()
+
+    def run(self, name: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.k += 1
+        print(f"[demo] {self.k}/{self.total} {what}", flush=True)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times[name] = round(time.perf_counter() - t0, 1)
+        print(f"[demo] {self.k}/{self.total} done in {self.times[name]:.1f} s", flush=True)
+        return out
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's stages -> {"stages": {name: seconds}, "total_s", "top1": {...}, the run}."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "fashion-mnist"
     tracking = f"sqlite:///{out}/mlflow.db"
+    stages = Stages(4)
 
-    if not (data / "test").is_dir():
-        print(f"[demo] 1/3 preparing Fashion-MNIST into {data}", flush=True)
+    def prepare_data() -> None:
+        if (data / "test").is_dir():
+            print(f"[demo]     Fashion-MNIST already in {data}", flush=True)
+            return
         from pipelines.data.commands import prepare
 
-        prepare("fashion-mnist", str(data), None, None)
-    else:
-        print(f"[demo] 1/3 Fashion-MNIST already in {data}", flush=True)
+        # pretraining reads each train image about once: no need to write all 60,000
+        prepare("fashion-mnist", str(data), None, PREPARE_LIMIT)
+
+    stages.run("prepare", f"preparing Fashion-MNIST ({PREPARE_LIMIT:,} train images, the 10,000 "
+               f"test images) into {data}", prepare_data)
 
     from pipelines.pretrain.driver import run_pretraining
     from pipelines.probe.driver import probe
@@ -57,52 +95,69 @@ def main(argv: list[str] | None = None) -> int:
         "mlflow.experiment=xtra-demo",
         f"train.storage_path={out / 'runs'}",
     ]
-    cfg = load_config(
-        "tiny",
-        common
-        + [
-            "train.num_workers=2",
-            "train.zero_stage=2",
-            "train.global_batch_size=64",
-            f"train.max_steps={args.steps}",
-            f"train.warmup_steps={max(1, args.steps // 10)}",
-            "train.log_every=10",
-            f"train.checkpoint_every={max(1, args.steps // 3)}",
-            f"train.run_name={run_name}",
-        ],
-    )
-    print(f"[demo] 2/3 pretraining tiny XTRA for {args.steps} steps (2 workers, ZeRO-2)", flush=True)
-    result = run_pretraining(cfg)
+    cfg = load_config("tiny", common + [
+        "train.num_workers=2",
+        "train.zero_stage=2",
+        f"train.global_batch_size={BATCH}",
+        f"train.max_steps={args.steps}",
+        f"train.warmup_steps={max(1, args.steps // 10)}",
+        "train.log_every=20",
+        f"train.checkpoint_every={args.steps}",  # one checkpoint, at the end
+        f"train.visualize_every={args.steps}",  # the Figure-4 picture of the final model
+        f"train.run_name={run_name}",
+    ])
+    result = stages.run(
+        "pretrain", f"pretraining tiny XTRA for {args.steps} steps of {BATCH} images (2 workers, "
+        "ZeRO-2)", run_pretraining, cfg)
     model_uri = result["model_uri"]
 
-    print(f"[demo] 3/3 probing {model_uri} and a random-init encoder", flush=True)
-    # linear: converged L-BFGS on cached features (seconds). attentive: its LR grid side by side,
-    # warmup + cosine, on features cached once: at a CPU budget, 10 epochs of Table 2's augmented
-    # views (RandAugment, erasing) left it at 55% top-1 where the linear probe had 79%
-    cfg_probe = load_config("tiny", common + [
-        f"probe.max_train_images={args.probe_images}",
-        f"probe.epochs={args.probe_epochs}",
-        f"probe.warmup_epochs={max(1, args.probe_epochs // 10)}",
-        "probe.lrs=[0.01, 0.03]",
-        "probe.batch_size=128",
-        "probe.attentive_features=cached",
-    ])
-    trained, random = {}, {}
-    for kind in ("linear", "attentive"):
-        trained[kind] = probe(cfg_probe, model_uri, [kind])[0]
-        random[kind] = probe(cfg_probe, model_uri, [kind], random_init=True)[0]
+    # the tiny preset's probe defaults as `xtra probe --kind both` types them
+    cfg_probe = load_config("tiny", common + [f"probe.max_train_images={args.probe_images}",
+                                              f"probe.max_test_images={args.test_images}"])
+    kinds = ["linear", "attentive"]
+    trained = stages.run("probe_pretrained", f"probing {model_uri} (linear + attentive)",
+                         probe, cfg_probe, model_uri, kinds)
+    random = stages.run("probe_random_init", "probing a random-init encoder of the same config",
+                        probe, cfg_probe, model_uri, kinds, random_init=True)
+    top1 = {f"{kind}_{which}": r["top1"] for which, rs in (("pretrained", trained),
+                                                             ("random_init", random))
+            for kind, r in zip(kinds, rs)}
+    return {"stages": stages.times, "total_s": stages.elapsed, "top1": top1,
+            "top5": {f"{k}_{w}": r.get("top5") for w, rs in (("pretrained", trained),
+                                                              ("random_init", random))
+                     for k, r in zip(kinds, rs)},
+            "steps": args.steps, "probe_images": args.probe_images,
+            "test_images": args.test_images, "model_uri": model_uri,
+            "run_id": result["run_id"], "tracking_uri": tracking, "data": str(data),
+            "checkpoints": str(out / "runs" / run_name),
+            "run_line_precision": cfg.train.bf16}
 
-    print("\n| probe | pretrained top-1 | random-init top-1 | pretrained top-5 | random-init top-5 |")
-    print("|---|---|---|---|---|")
+
+def print_summary(r: dict[str, Any]) -> None:
+    t, t5 = r["top1"], r["top5"]
+    print("\n| probe | pretrained top-1 | random-init top-1 | margin | pretrained top-5 | "
+          "random-init top-5 |")
+    print("|---|---|---|---|---|---|")
     for kind in ("linear", "attentive"):
-        t, r = trained[kind], random[kind]
-        print(f"| {kind} | {t['top1']:.3f} | {r['top1']:.3f} | {t['top5']:.3f} | {r['top5']:.3f} |")
+        p, q = t[f"{kind}_pretrained"], t[f"{kind}_random_init"]
+        print(f"| {kind} | {p:.3f} | {q:.3f} | {100 * (p - q):+.1f} points | "
+              f"{t5[f'{kind}_pretrained']:.3f} | {t5[f'{kind}_random_init']:.3f} |")
+    print("\n[demo] " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
+          + f"; total {r['total_s']:.0f} s ({r['total_s'] / 60:.1f} min)")
     print(
-        f"\nMLflow run {result['run_id']} (experiment xtra-demo), encoder {model_uri}.\n"
-        f"Look at it with:  .venv/bin/mlflow ui --backend-store-uri {tracking}\n"
-        f"Checkpoints:      {out / 'runs' / run_name}",
+        f"\nMLflow run {r['run_id']} (experiment xtra-demo), encoder {r['model_uri']}; "
+        f"checkpoints in {r['checkpoints']}.\nSee what it made:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {r['tracking_uri']}\n"
+        f"  .venv/bin/xtra visualize --model {r['model_uri']} --data {r['data']} "
+        f"--set mlflow.tracking_uri={r['tracking_uri']} --out fig4.png",
         flush=True,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console.configure(args.verbose)
+    print_summary(run_demo(args))
     return 0
 
 

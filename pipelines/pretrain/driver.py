@@ -64,6 +64,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
 )
 from pipelines.pretrain.lease import RunLease
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
+from pipelines.pretrain.precision import resolve_on_workers
 from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
 from pipelines.pretrain.resources import check_resources
@@ -115,7 +116,9 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     console.quiet_ray_data()  # the driver prints one status line per report
-    # the checkpoint's config is checked before anything is started or logged
+    # the precision and the checkpoint's config are checked before anything is started or logged
+    precision = resolve_on_workers(cfg, {"CPU": cfg.train.cpus_per_worker or 1})  # "auto" on a worker's hardware
+    cfg.train.bf16 = precision.bf16  # the workers, the checkpoint and MLflow see the resolved value
     start_step, state = latest_checkpoint(storage, run_name, cfg)
     plan = plan_run(cfg, stream.num_images, start_step)
     changed = check_resume_config(cfg, state, schedule_keys(cfg, plan.total_steps, plan.steps_per_epoch))
@@ -138,7 +141,7 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
         f"{stream.num_images} images, steps {plan.start_step}->{plan.stop_step} of {plan.total_steps} "
         f"({plan.steps_per_epoch}/epoch), {cfg.train.num_workers} workers x micro batch "
         f"{cfg.train.micro_batch} x accum {cfg.train.grad_accum_steps}, ZeRO-{cfg.train.zero_stage}, "
-        f"{cfg.train.cpus_per_worker:g} CPU per worker",
+        f"{cfg.train.cpus_per_worker:g} CPU per worker, {precision.describe()}",
         flush=True,
     )
     del model
@@ -146,7 +149,6 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
     storage_fs, storage_root = open_storage(storage, cfg)  # s3:// -> (S3 filesystem, bucket/prefix)
     if storage_fs.type_name == "local":
         storage_fs = None
-    resources = {"CPU": cfg.train.cpus_per_worker}
     relay = StatusRelay()
     pictures = training_pictures(cfg, run_id, uri, plan.start_step, plan.stop_step, stream.listing,
                                  consolidate_model)

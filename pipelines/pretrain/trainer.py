@@ -31,6 +31,7 @@ from pipelines.pretrain.plan import RunPlan
 from xtra_core.config import XTRAConfig
 from xtra_core.model import build_model, flex_trains_on
 from xtra_core.optim import adamw, warmup_cosine_lr
+from xtra_core.precision import local_precision
 
 # report(metrics, checkpoint_dir or None): ray.train.report on a worker, anything in a test
 Report = Callable[[dict[str, Any], str | None], None]
@@ -57,7 +58,7 @@ def deepspeed_config(cfg: XTRAConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(t.bf16)},
+        "bf16": {"enabled": local_precision(t.bf16, t.use_gpu).bf16},  # the driver resolved "auto"
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -78,7 +79,7 @@ def lr_lambda(cfg: XTRAConfig, total_steps: int, steps_per_epoch: int) -> Callab
 
 
 def build_engine(cfg: XTRAConfig, plan: RunPlan) -> tuple[Any, Any]:
-    """XTRA under DeepSpeed (ZeRO `train.zero_stage`, bf16 if `train.bf16`, `torch.compile` if
+    """XTRA under DeepSpeed (ZeRO `train.zero_stage`, bf16 per `train.bf16`, `torch.compile` if
     `model.compile`) with fused AdamW and the warmup + cosine schedule: (engine, LR scheduler).
 
     torch.distributed must be initialised (Ray Train does it on a worker; a benchmark does it for

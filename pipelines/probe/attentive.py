@@ -4,10 +4,11 @@
 (`views.train_stream`: RandomResizedCrop bicubic, flip, RandAugment, random erasing), runs the
 frozen encoder once per batch (mean of the last `probe.attentive_last_n` blocks, [B, N, D]) and
 steps one attentive head per `probe.lrs` value on those features (`LRGrid`: the encoder pass, the
-expensive part, is shared by the whole grid). `"cached"`: the train split's eval views are encoded
-once and the epochs reshuffle those features (no augmentation): an epoch costs the heads' steps
-only, so a short budget (a demo, a sweep trial, a small set) can afford the steps the probe needs;
-the features are held in memory (N tokens x D floats per image).
+expensive part, is shared by the whole grid). `"cached"`: the eval views of train, val and test
+are encoded once (by the linear probe's feature pass when both probes run) and the epochs reshuffle
+the train features (no augmentation): an epoch costs the heads' steps only, so a short budget (a
+demo, a sweep trial, a small set) can afford the steps the probe needs; the features are held in
+memory (N tokens x D floats per image).
 AdamW, `probe.warmup_epochs` of linear warmup then cosine to `probe.min_lr`, clip
 `probe.grad_clip`. After each epoch all heads are scored on the val eval views; the best val top-1
 after the last epoch picks the head, which alone sees the test split.
@@ -33,6 +34,7 @@ from pipelines.probe.splits import ProbeSplits
 from pipelines.probe.views import center_crop, eval_stream, train_stream
 from xtra_core.config import XTRAConfig
 from xtra_core.model import Encoder
+from xtra_core.precision import local_precision
 from xtra_core.probes import AttentiveProbe, LRGrid, best_index, evaluate
 
 logger = logging.getLogger("xtra.probe")
@@ -48,8 +50,9 @@ def probe_heads(cfg: XTRAConfig) -> int:
 def _encode(encoder: Encoder, images: torch.Tensor, cfg: XTRAConfig) -> torch.Tensor:
     """uint8 [B, S, S, 3] -> features [B, N, D], in chunks of ENCODE_CHUNK images."""
     last_n = cfg.probe.attentive_last_n
+    bf16 = local_precision(cfg.train.bf16, cfg.train.use_gpu).bf16
     parts = [encode_images(encoder, images[i : i + ENCODE_CHUNK], last_n, cfg.data.mean,
-                           cfg.data.std) for i in range(0, len(images), ENCODE_CHUNK)]
+                           cfg.data.std, bf16) for i in range(0, len(images), ENCODE_CHUNK)]
     return torch.cat(parts)
 
 
@@ -75,14 +78,10 @@ def _augmented_batches(
 
 
 def _cached_batches(
-    encoder: Encoder, cfg: XTRAConfig, listing: Listing
+    feats: torch.Tensor, labels: torch.Tensor, cfg: XTRAConfig
 ) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Encode the eval views of `listing` once -> epoch -> its batches of those features, in a
-    seeded order of its own."""
-    parts = list(_eval_batches(encoder, cfg, listing))
-    feats = torch.cat([f for f, _ in parts])
-    labels = torch.cat([y for _, y in parts])
-    logger.info("attentive: cached the features of %d train images", len(labels))
+    """Cached train features [n, N, D], labels [n] -> epoch -> its batches, in a seeded order of
+    its own."""
 
     def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.probe.seed * 100_003 + epoch))
@@ -93,10 +92,28 @@ def _cached_batches(
     return epoch_batches
 
 
+def _encoded(
+    encoder: Encoder, cfg: XTRAConfig, listing: Listing, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval views of `listing` encoded once: (features [n, N, D], labels [n])."""
+    parts = list(_eval_batches(encoder, cfg, listing))
+    return torch.cat([f for f, _ in parts]).to(device), torch.cat([y for _, y in parts]).to(device)
+
+
+def _chunked(cached: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    feats, labels = cached
+    for i in range(0, len(labels), ENCODE_CHUNK):
+        yield feats[i : i + ENCODE_CHUNK], labels[i : i + ENCODE_CHUNK]
+
+
 def train_attentive(
-    cfg: XTRAConfig, splits: ProbeSplits, encoder_state: dict[str, torch.Tensor]
+    cfg: XTRAConfig, splits: ProbeSplits, encoder_state: dict[str, torch.Tensor],
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Train the LR grid, pick on val, score on test -> the result record (no MLflow)."""
+    """Train the LR grid, pick on val, score on test -> the result record (no MLflow).
+
+    `tokens`: the eval views' features of every split from the linear probe's pass
+    (`features.extract_shared_features`), used instead of encoding them here (cached mode)."""
     p = cfg.probe
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     encoder = Encoder(cfg.model)
@@ -108,8 +125,22 @@ def train_attentive(
     grid = LRGrid(lambda: AttentiveProbe(dim, classes, probe_heads(cfg)), p.lrs, p,
                   p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch),
                   seed=p.seed).to(device)
-    train_batches = (_cached_batches(encoder, cfg, splits.train) if p.attentive_features == "cached"
-                     else lambda epoch: _augmented_batches(encoder, cfg, splits.train, epoch))
+    cached: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if p.attentive_features == "cached":  # every split's eval views encoded once
+        for name, listing in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            cached[name] = ((torch.as_tensor(tokens[name][0]).to(device),
+                             torch.as_tensor(tokens[name][1], dtype=torch.int64).to(device))
+                            if tokens else _encoded(encoder, cfg, listing, device))
+        logger.info("attentive: %s the features of %d train, %d val and %d test images",
+                    "reused" if tokens else "cached", *(len(cached[k][1]) for k in cached))
+        train_batches = _cached_batches(*cached["train"], cfg)
+    else:
+        def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return _augmented_batches(encoder, cfg, splits.train, epoch)
+
+    def eval_batches(name: str, listing: Listing) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _chunked(cached[name]) if cached else _eval_batches(encoder, cfg, listing)
+
     vals: list[dict[str, float]] = []
     for epoch in range(p.epochs):
         t0 = time.perf_counter()
@@ -118,7 +149,7 @@ def train_attentive(
             if len(labels) < 2:  # BatchNorm needs two samples
                 continue
             losses.append(grid.step(feats, labels.to(device)))
-        vals = grid.evaluate(_eval_batches(encoder, cfg, splits.val), classes)
+        vals = grid.evaluate(eval_batches("val", splits.val), classes)
         best = best_index(vals, grid.lrs)
         train_loss = float(np.mean([loss[best] for loss in losses])) if losses else float("nan")
         logger.info("attentive: epoch %d/%d: best val top-1 %.4f at lr %g (train loss %.4f, "
@@ -126,7 +157,7 @@ def train_attentive(
                     train_loss, time.perf_counter() - t0)
     best = best_index(vals, grid.lrs)
     head = grid.heads[best]
-    test = evaluate(head, _eval_batches(encoder, cfg, splits.test), classes)
+    test = evaluate(head, eval_batches("test", splits.test), classes)
     if state_checksum(encoder) != checksum:
         raise RuntimeError("the frozen encoder's weights changed during probe training")
     return {
@@ -146,12 +177,15 @@ def train_attentive(
     }
 
 
-def attentive_probe(cfg: XTRAConfig, splits: ProbeSplits, encoder: Encoder) -> dict[str, Any]:
+def attentive_probe(
+    cfg: XTRAConfig, splits: ProbeSplits, encoder: Encoder,
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, Any]:
     """`train_attentive` here, or as a Ray task holding one GPU when `train.use_gpu`."""
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     if not cfg.train.use_gpu:
-        return train_attentive(cfg, splits, state)
+        return train_attentive(cfg, splits, state, tokens)
     import ray
 
     task = ray.remote(num_gpus=1, num_cpus=1)(train_attentive)
-    return ray.get(task.remote(cfg, splits, state))
+    return ray.get(task.remote(cfg, splits, state, tokens))

@@ -11,12 +11,14 @@ The job, one module per step:
 3. `views`: what the probes see, streamed by Ray Data: the eval view (resize, centre crop) and the
    attentive probe's augmented view (RandomResizedCrop bicubic, flip, RandAugment, erasing).
 4. `features` + `linear`: the encoder once over the eval views (Ray Data actor pool), then the
-   linear probe on those cached features: L-BFGS to convergence per weight decay, chosen on val
-   (`probe.linear_solver=adamw`: the paper's LR x epoch grid instead).
-5. `attentive`: Table 2's attentive probe, all `probe.lrs` trained side by side on each batch of
-   augmented views, chosen on val.
-6. scores (`tracking.probe_scores`): metrics on the pretraining run of the model version (or a new
-   run), tags on the version; one JSON line per kind on stdout (by the CLI).
+   linear probe on those cached features: L-BFGS along the weight-decay path, chosen on val
+   (`probe.linear_solver=adamw`: the reference's LR grid on augmented views instead).
+5. `attentive`: the attentive probe, all `probe.lrs` trained side by side on each batch of
+   augmented views (Table 2) or of the eval views' cached features, chosen on val. With
+   `probe.attentive_features=cached` and both kinds, step 4's pass keeps its tokens too: one
+   encoder pass over the data for both probes.
+6. scores (`tracking.probe_scores`): metrics on the pretraining run of the model version (or a new run), tags on the
+   version; one JSON line per kind on stdout (by the CLI).
 
 No Ray Tune: the grids run in this process, so `probe()` also works inside a Tune trial.
 Progress lines ("weight decay k/n", "epoch k/n" with the best val score so far) go to the
@@ -33,8 +35,8 @@ from typing import Any
 from pipelines import console
 from pipelines.errors import UserError
 from pipelines.probe.attentive import attentive_probe, probe_heads
-from pipelines.probe.features import extract_features
-from pipelines.probe.linear import linear_probe
+from pipelines.probe.features import extract_shared_features
+from pipelines.probe.linear import augmented_batches, linear_probe
 from pipelines.probe.loading import (  # noqa: F401  (the probe's public names, kept importable here)
     encode_images,
     freeze,
@@ -86,17 +88,26 @@ def probe(
                 len(splits.test), splits.num_classes)
     checksum = state_checksum(encoder)
     results = []
+    # one feature pass for both probes when the attentive probe reads the eval views too
+    shared = {"linear", "attentive"} <= set(kinds) and pcfg.probe.attentive_features == "cached"
+    features, tokens = None, None
     for kind in kinds:
         t0 = time.perf_counter()
-        if kind == "linear":
-            features = extract_features(pcfg, splits, ray.put(encoder.state_dict()))
-            logger.info("linear: cached features of %d images in %.1f s",
+        if features is None and (kind == "linear" or shared):
+            features, tokens = extract_shared_features(
+                pcfg, splits, ray.put(encoder.state_dict()),
+                pcfg.probe.attentive_last_n if shared else 0)
+            logger.info("%s: cached features of %d images in %.1f s",
+                        "linear + attentive" if shared else "linear",
                         sum(len(v[1]) for v in features.values()), time.perf_counter() - t0)
-            r = linear_probe(pcfg.probe, features, splits.num_classes)
+        if kind == "linear":
+            r = linear_probe(pcfg.probe, features, splits.num_classes,
+                             augmented_batches(pcfg, splits, encoder)
+                             if pcfg.probe.linear_solver == "adamw" else None)
             choice = f"weight decay {r['best_weight_decay']:g}" if r["solver"] == "lbfgs" \
                 else f"lr {r['best_lr']:g}"
         else:
-            r = attentive_probe(pcfg, splits, encoder)
+            r = attentive_probe(pcfg, splits, encoder, tokens if shared else None)
             choice = f"lr {r['best_lr']:g}"
         logger.info("%s: best %s, val top-1 %.4f, test top-1 %.4f (%.1f s)", kind, choice,
                     r["val_top1"], r["top1"], time.perf_counter() - t0)

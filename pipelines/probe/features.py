@@ -1,6 +1,8 @@
-"""Cached features for the linear probe: the frozen encoder runs once over the eval views of
-train/val/test with Ray Data batch inference (`map_batches` on an actor pool holding the encoder),
-keeping the token mean of the last block, [n, D]. The convex solve then works on those arrays."""
+"""Cached features: the frozen encoder runs once over the eval views of train/val/test with Ray
+Data batch inference (`map_batches` on an actor pool holding the encoder), keeping the token mean
+of the last block, [n, D], for the linear probe. When the attentive probe reads the same eval views
+(`probe.attentive_features="cached"`), the same pass also keeps its tokens (the mean of the last
+`probe.attentive_last_n` blocks, [n, N, D]): one feature pass for both probes."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import torch
 from pipelines.console import format_seconds
 from pipelines.data.listing import Listing
 from pipelines.errors import UserError
-from pipelines.probe.loading import encode_images, freeze
+from pipelines.probe.loading import encode_pooled_and_tokens, freeze
 from pipelines.probe.splits import ProbeSplits
 from pipelines.probe.views import center_crop, eval_stream
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.model import Encoder
+from xtra_core.precision import local_precision
 
 logger = logging.getLogger("xtra.probe")
 PROGRESS_EVERY_S = 30.0  # a status line this often while features are extracted
@@ -30,9 +33,10 @@ class EncoderInference:
     """Ray Data actor: the frozen encoder over batches of eval views.
 
     In: `image` uint8 [B, R, R, 3] (centre-cropped here to the image size), `label` [B], `path`
-    [B]. Out: `features` float32 [B, D] (the token mean of the last `last_n` blocks' mean);
-    `label` and `path` pass through. The encoder's object ref arrives wrapped in a list so Ray
-    does not resolve it early."""
+    [B]. Out: `features` float32 [B, D] (the token mean of the last block), with `tokens_last_n`
+    also `tokens` float32 [B, N, D] (the mean of the last `tokens_last_n` blocks); `label` and
+    `path` pass through. The encoder runs in `train.bf16`'s precision on this actor's hardware.
+    The encoder's object ref arrives wrapped in a list so Ray does not resolve it early."""
 
     def __init__(
         self,
@@ -40,32 +44,38 @@ class EncoderInference:
         model_cfg: ModelConfig,
         mean: Sequence[float],
         std: Sequence[float],
-        last_n: int,
+        tokens_last_n: int = 0,
         use_gpu: bool = False,
+        bf16: bool | str = False,
     ) -> None:
         import ray
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.bf16 = local_precision(bf16, use_gpu).bf16  # `train.bf16` on this actor's hardware
         self.encoder = Encoder(model_cfg)
         self.encoder.load_state_dict(ray.get(encoder_ref[0]))
         freeze(self.encoder.to(self.device))
         self.size = model_cfg.image_size
-        self.mean, self.std, self.last_n = tuple(mean), tuple(std), last_n
+        self.mean, self.std, self.tokens_last_n = tuple(mean), tuple(std), tokens_last_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.as_tensor(np.ascontiguousarray(center_crop(batch["image"], self.size)))
-        feats = encode_images(self.encoder, images, self.last_n, self.mean, self.std)  # [B, N, D]
-        return {"label": batch["label"], "path": batch["path"],
-                "features": feats.mean(1).float().cpu().numpy()}  # [B, D]
+        pooled, tokens = encode_pooled_and_tokens(self.encoder, images, self.tokens_last_n,
+                                                  self.mean, self.std, self.bf16)
+        out = {"label": batch["label"], "path": batch["path"],
+               "features": pooled.cpu().numpy()}  # [B, D]
+        if tokens is not None:
+            out["tokens"] = tokens.cpu().numpy()  # [B, N, D]
+        return out
 
 
 def _inference(
-    cfg: XTRAConfig, listings: Sequence[Listing], encoder_ref: Any, last_n: int
+    cfg: XTRAConfig, listings: Sequence[Listing], encoder_ref: Any, tokens_last_n: int = 0
 ) -> dict[str, np.ndarray]:
     """`EncoderInference` over the concatenated listings on an actor pool.
 
-    -> {"path": [n] object, "label": [n], "features": [n, D]}, rows in any order (bad files
-    dropped)."""
+    -> {"path": [n] object, "label": [n], "features": [n, D] (and "tokens": [n, N, D])}, rows in
+    any order (bad files dropped)."""
     import pyarrow as pa
     import ray
 
@@ -81,8 +91,9 @@ def _inference(
             "model_cfg": cfg.model,
             "mean": cfg.data.mean,
             "std": cfg.data.std,
-            "last_n": last_n,
+            "tokens_last_n": tokens_last_n,
             "use_gpu": cfg.train.use_gpu,
+            "bf16": cfg.train.bf16,
         },
         batch_size=min(cfg.probe.batch_size, 1024),
         batch_format="numpy",
@@ -121,6 +132,17 @@ def extract_features(
     cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One batch-inference pass: {"train"|"val"|"test": (features [n, D] float32, labels [n])}."""
+    return extract_shared_features(cfg, splits, encoder_ref, 0)[0]
+
+
+def extract_shared_features(
+    cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any, tokens_last_n: int
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One batch-inference pass for both probes: (linear features {split: ([n, D], labels)},
+    attentive tokens {split: ([n, N, D], labels)}, empty when `tokens_last_n` is 0)."""
     listings = {"train": splits.train, "val": splits.val, "test": splits.test}
-    out = _inference(cfg, list(listings.values()), encoder_ref, last_n=1)
-    return {name: rows_for(lst, out, "features") for name, lst in listings.items()}
+    out = _inference(cfg, list(listings.values()), encoder_ref, tokens_last_n)
+    features = {name: rows_for(lst, out, "features") for name, lst in listings.items()}
+    tokens = ({name: rows_for(lst, out, "tokens") for name, lst in listings.items()}
+              if tokens_last_n else {})
+    return features, tokens

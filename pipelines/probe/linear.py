@@ -1,29 +1,35 @@
-"""The linear probe on cached features [n, D] (`features.extract_features`).
+"""The linear probe (BatchNorm without affine + Linear on the token mean of the last block).
 
-`probe.linear_solver="lbfgs"` (default): the probe of a frozen trunk on fixed views is L2-regularised
-multinomial logistic regression, a convex problem. Each `probe.linear_weight_decays` value is
-solved to convergence by full-batch L-BFGS on the standardised train features (strongest first,
-each warm-started from the previous solution); the best val top-1 picks the weight decay. The
-result is a `LinearProbe` (BatchNorm without affine + Linear) with the train mean / variance as
-its BatchNorm statistics. Seconds on CPU for tens of thousands of images, and no learning-rate or
-epoch budget that could leave it short of the optimum.
+`probe.linear_solver="lbfgs"` (default): on cached features [n, D] of the eval views
+(`features.extract_features`), the probe of a frozen trunk on fixed views is L2-regularised
+multinomial logistic regression, a convex problem. The `probe.linear_weight_decays` path is solved
+by full-batch L-BFGS on the standardised train features, strongest weight decay first, each
+warm-started from the previous solution and stopped when every gradient entry is below
+`probe.linear_tolerance` (at most `probe.linear_max_iter` iterations); the best val top-1 picks
+the weight decay. The result is a `LinearProbe` with the train mean / variance as its BatchNorm
+statistics. Seconds on CPU for tens of thousands of images, and no learning-rate or epoch budget
+that could leave it short of the optimum.
 
-`probe.linear_solver="adamw"`: the paper's recipe (Table 2 / the reference's linear configs):
-BatchNorm + Linear trained by AdamW at every `probe.lrs` value side by side for `probe.epochs`
-epochs of `probe.batch_size`, with warmup + cosine; the best val top-1 picks the LR.
+`probe.linear_solver="adamw"`: the reference's linear-probe recipe: BatchNorm + Linear trained by
+AdamW with weight decay 0 at every `probe.lrs` value side by side for `probe.epochs` epochs of
+`probe.batch_size`, warmup + cosine, on fresh RandomResizedCrop (`probe.crop_scale`,
+`probe.crop_ratio`) + flip views every epoch (`augmented_batches`: no RandAugment, no erasing);
+the best val top-1 (eval views) picks the LR. For long budgets: each epoch runs the encoder over
+the train split again.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xtra_core.config import ProbeConfig
+from xtra_core.config import ProbeConfig, XTRAConfig
 from xtra_core.probes import (
     LinearProbe,
     LRGrid,
@@ -38,6 +44,8 @@ from xtra_core.probes import (
 logger = logging.getLogger("xtra.probe")
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
+# epoch -> that epoch's (features [B, D], labels [B]) train batches
+EpochBatches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -64,7 +72,7 @@ def solve_lbfgs(
     for k, wd in enumerate(wds):
         prev = solutions[-1] if solutions else None
         sol = fit_logistic_regression(z_train, y_train, num_classes, wd, cfg.linear_max_iter,
-                                      init=prev)
+                                      tol=cfg.linear_tolerance, init=prev)
         logits = z_val @ sol.weight.T + sol.bias  # [n_val, C]
         val = {"top1": float((logits.argmax(1) == y_val).double().mean()),
                "loss": float(F.cross_entropy(logits, y_val))}
@@ -87,29 +95,60 @@ def solve_lbfgs(
     }
 
 
+def linear_view_config(cfg: XTRAConfig) -> XTRAConfig:
+    """The reference linear probe's train views: the probe's RandomResizedCrop and flip, without
+    the attentive probe's RandAugment and random erasing."""
+    out = copy.deepcopy(cfg)
+    out.probe.rand_augment, out.probe.random_erasing = "", 0.0
+    return out
+
+
+def augmented_batches(cfg: XTRAConfig, splits: Any, encoder: torch.nn.Module) -> EpochBatches:
+    """epoch -> the frozen encoder's features [B, D] (token mean of the last block) of that
+    epoch's fresh RandomResizedCrop + flip views of the train split, with their labels."""
+    from pipelines.probe.loading import encode_images
+    from pipelines.probe.views import train_stream
+    from xtra_core.precision import local_precision
+
+    view_cfg = linear_view_config(cfg)
+    bf16 = local_precision(cfg.train.bf16, cfg.train.use_gpu).bf16
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in train_stream(view_cfg, splits.train, epoch).iter_torch_batches(
+            batch_size=cfg.probe.batch_size, device="cpu"
+        ):
+            feats = encode_images(encoder, b["image"], 1, cfg.data.mean, cfg.data.std, bf16)
+            yield feats.mean(1).cpu(), b["label"]  # [B, D]
+
+    return epoch_batches
+
+
 def train_adamw(
-    cfg: ProbeConfig, features: Arrays, num_classes: int
+    cfg: ProbeConfig, features: Arrays, num_classes: int, train_batches: EpochBatches | None = None
 ) -> tuple[LinearProbe, dict[str, Any]]:
-    """The paper's LR x epoch recipe on cached features -> (best LinearProbe, record fields)."""
+    """The reference's recipe: AdamW (weight decay 0) over the LR grid on `train_batches` (the
+    augmented views; default: the cached train features reshuffled) -> (best LinearProbe, record)."""
     x_train, y_train = _tensors(features, "train")
     x_val, y_val = _tensors(features, "val")
     dim = x_train.shape[1]
     g = torch.Generator().manual_seed(cfg.seed)
 
-    def batches() -> list[torch.Tensor]:
+    def cached(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         out = list(torch.randperm(len(y_train), generator=g).split(cfg.batch_size))
         if len(out) > 1 and len(out[-1]) < 2:  # BatchNorm needs 2 samples: fold into the previous
             out[-2] = torch.cat([out[-2], out.pop()])
-        return out
+        return ((x_train[i], y_train[i]) for i in out)
 
-    steps_per_epoch = len(batches())
+    batches = train_batches or cached
+    steps_per_epoch = max(1, -(-len(y_train) // cfg.batch_size))
     grid = LRGrid(lambda: LinearProbe(dim, num_classes), cfg.lrs, cfg,
                   cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
-                  seed=cfg.seed)
+                  seed=cfg.seed, weight_decay=0.0)
     vals: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
-        for i in batches():
-            grid.step(x_train[i], y_train[i])
+        for x, y in batches(epoch):
+            if len(y) >= 2:  # BatchNorm needs two samples
+                grid.step(x.float(), y.long())
         vals = grid.evaluate(chunks(x_val, y_val, 4096), num_classes)
         best = best_index(vals, grid.lrs)
         logger.info("linear (adamw): epoch %d/%d: best val top-1 %.4f at lr %g", epoch + 1,
@@ -122,13 +161,19 @@ def train_adamw(
         "val_top5": vals[best].get("top5"),
         "val_top1_by_lr": {f"{lr:g}": v["top1"] for lr, v in zip(grid.lrs, vals)},
         "epochs": cfg.epochs,
+        "weight_decay": 0.0,
     }
 
 
-def linear_probe(cfg: ProbeConfig, features: Arrays, num_classes: int) -> dict[str, Any]:
-    """Fit on train, choose on val, score on test once -> the result record (no logging)."""
-    solve = solve_lbfgs if cfg.linear_solver == "lbfgs" else train_adamw
-    head, record = solve(cfg, features, num_classes)
+def linear_probe(
+    cfg: ProbeConfig, features: Arrays, num_classes: int, train_batches: EpochBatches | None = None
+) -> dict[str, Any]:
+    """Fit on train, choose on val, score on test once -> the result record (no logging).
+    `train_batches`: the adamw solver's train views (`augmented_batches`)."""
+    if cfg.linear_solver == "lbfgs":
+        head, record = solve_lbfgs(cfg, features, num_classes)
+    else:
+        head, record = train_adamw(cfg, features, num_classes, train_batches)
     x_test, y_test = _tensors(features, "test")
     test = evaluate(head, chunks(x_test, y_test, 4096), num_classes)
     return {
@@ -140,5 +185,6 @@ def linear_probe(cfg: ProbeConfig, features: Arrays, num_classes: int) -> dict[s
         "n_val": len(features["val"][1]),
         "n_test": int(test["n"]),
         "num_classes": num_classes,
-        "features": "cached",
+        "features": "cached" if cfg.linear_solver == "lbfgs" or train_batches is None
+        else "augmented",
     }

@@ -14,6 +14,7 @@ import torch
 
 from pipelines.data.images import normalize
 from pipelines.errors import UserError
+from xtra_core.accel import autocast
 from xtra_core.config import ModelConfig, XTRAConfig
 from xtra_core.model import Encoder, build_model
 
@@ -41,12 +42,38 @@ def encode_images(
     last_n: int,
     mean: Sequence[float],
     std: Sequence[float],
+    bf16: bool = False,
 ) -> torch.Tensor:
-    """uint8 images [B, H, W, 3] -> frozen features [B, N, D] (mean of the last `last_n` blocks)."""
+    """uint8 images [B, H, W, 3] -> frozen features [B, N, D] float32 (mean of the last `last_n`
+    blocks), the encoder under bf16 autocast when `bf16` (`xtra_core.precision` decides)."""
     device = next(encoder.parameters()).device
     with torch.no_grad():
         x = normalize(images.to(device), mean, std)  # [B, 3, H, W]
-        return encoder(x, last_n=last_n)
+        with autocast(device, bf16):
+            return encoder(x, last_n=last_n).float()
+
+
+def encode_pooled_and_tokens(
+    encoder: Encoder,
+    images: torch.Tensor,
+    tokens_last_n: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One encoder pass for both probes: uint8 images [B, H, W, 3] -> (the linear probe's token
+    mean of the last block [B, D], the attentive probe's mean of the last `tokens_last_n` blocks
+    [B, N, D] in raster order, or None when `tokens_last_n` is 0), float32."""
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        x = normalize(images.to(device), mean, std)  # [B, 3, H, W]
+        with autocast(device, bf16):
+            _, kept = encoder.forward_sequence(x, keep_last=max(1, tokens_last_n))
+        pooled = kept[-1].float().mean(1)  # [B, D]: the token mean does not depend on the order
+        if not tokens_last_n:
+            return pooled, None
+        tokens = torch.stack(kept[-tokens_last_n:]).float().mean(0)  # [B, N, D] block-major
+        return pooled, tokens[:, encoder.layout.inv_perm]  # as Encoder.forward: raster order
 
 
 def random_encoder(model_cfg: ModelConfig, seed: int) -> Encoder:

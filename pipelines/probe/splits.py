@@ -1,6 +1,7 @@
 """The probe's three splits: train and test listed (`pipelines.data.listing`), fully labelled with
 the same classes, `probe.max_train_images` a seeded subsample of train, `probe.val_fraction` of it
-carved out (seeded) as val. The test split is read once, by the head chosen on val."""
+carved out (seeded) as val, `probe.max_test_images` a seeded subsample of test. The test split
+is read once, by the head chosen on val."""
 
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def split_listings(cfg: XTRAConfig) -> ProbeSplits:
     perm = np.random.default_rng([p.seed, 2]).permutation(len(rows))
     n_val = min(len(rows) - 2, max(1, round(p.val_fraction * len(rows))))  # >= 2 left for BatchNorm
     val_rows, train_rows = np.sort(rows[perm[:n_val]]), np.sort(rows[perm[n_val:]])
+    if p.max_test_images is not None and p.max_test_images < len(test):
+        rng = np.random.default_rng([p.seed, 3])
+        test = _subset(test, np.sort(rng.choice(len(test), size=p.max_test_images, replace=False)))
     return ProbeSplits(_subset(train, train_rows), _subset(train, val_rows), test, num_classes)
 
 

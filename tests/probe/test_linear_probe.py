@@ -90,6 +90,62 @@ def test_adamw_recipe_stays_available_and_learns():
     assert rec["val_top1"] > 0.5 and rec["val_top1"] <= lb["val_top1"] + 0.03
 
 
+def test_adamw_recipe_is_the_references_weight_decay_0_on_the_train_views_it_is_given(monkeypatch):
+    from pipelines.probe import linear
+
+    grids = []
+
+    class SpyGrid(linear.LRGrid):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            grids.append(self)
+
+    monkeypatch.setattr(linear, "LRGrid", SpyGrid)
+    x, y = overlapping_classes(600, seed=3)
+    feats = {"train": (x[:400].numpy(), y[:400].numpy()), "val": (x[400:500].numpy(), y[400:500].numpy()),
+             "test": (x[500:].numpy(), y[500:].numpy())}
+    seen: list[int] = []
+
+    def views(epoch: int):  # stands in for augmented_batches: new draws every epoch
+        seen.append(epoch)
+        g = torch.Generator().manual_seed(epoch)
+        for i in range(0, 400, 64):
+            yield x[i : i + 64] + 0.1 * torch.randn(len(x[i : i + 64]), 24, generator=g), y[i : i + 64]
+
+    cfg = ProbeConfig(linear_solver="adamw", lrs=(1e-3, 1e-2), epochs=3, batch_size=64)
+    assert cfg.weight_decay == 0.1  # the attentive probe's; the linear probe must not use it
+    out = linear_probe(cfg, feats, 5, views)
+    assert seen == [0, 1, 2] and out["features"] == "augmented" and out["weight_decay"] == 0.0
+    groups = [g for grid in grids for t in grid.trainers for g in t.optimizer.param_groups]
+    assert groups and all(g["weight_decay"] == 0.0 for g in groups)
+    assert out["val_top1"] > 0.5
+
+
+def test_linear_views_are_random_resized_crop_and_flip_only():
+    from pipelines.probe.linear import linear_view_config
+
+    cfg = preset("vit_b16")
+    view = linear_view_config(cfg).probe
+    assert (view.rand_augment, view.random_erasing) == ("", 0.0)
+    assert (view.crop_scale, view.crop_ratio, view.hflip_prob) == (
+        cfg.probe.crop_scale, cfg.probe.crop_ratio, cfg.probe.hflip_prob)
+    assert cfg.probe.rand_augment and cfg.probe.random_erasing == 0.25  # the attentive probe's: kept
+
+
+def test_one_encoder_pass_gives_both_probes_their_features():
+    from pipelines.probe.loading import encode_pooled_and_tokens
+
+    cfg = preset("tiny")
+    encoder = random_encoder(cfg.model, seed=1).eval()
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    pooled, tokens = encode_pooled_and_tokens(encoder, images, 2, cfg.data.mean, cfg.data.std)
+    linear = encode_images(encoder, images, 1, cfg.data.mean, cfg.data.std).mean(1)
+    attentive = encode_images(encoder, images, 2, cfg.data.mean, cfg.data.std)
+    torch.testing.assert_close(pooled, linear)
+    torch.testing.assert_close(tokens, attentive)
+    assert encode_pooled_and_tokens(encoder, images, 0, cfg.data.mean, cfg.data.std)[1] is None
+
+
 def fashion_mnist(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` images of a split, as uint8 RGB [n, 32, 32, 3] (bilinear up from 28 px)."""
     from pipelines.data.commands import read_idx

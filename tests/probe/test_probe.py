@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines import cli
+from pipelines.config_io import load_config
 from pipelines.errors import UserError
 from pipelines.probe.driver import (
     check_labels,
@@ -22,7 +23,7 @@ from pipelines.probe.driver import (
     split_listings,
     state_checksum,
 )
-from xtra_core.config import ModelConfig, ProbeConfig, build_config, preset
+from xtra_core.config import ConfigError, ModelConfig, ProbeConfig, build_config, preset
 from xtra_core.export import save_encoder
 from xtra_core.probes import (
     AttentiveProbe,
@@ -249,9 +250,18 @@ def test_presets_carry_table_2_attentive_probe_settings(name: str, image: int, r
     assert p.crop_scale == (0.08, 1.0) and p.crop_ratio == pytest.approx((0.75, 1.333), abs=1e-3)
     assert (p.hflip_prob, p.rand_augment, p.random_erasing) == (0.5, "rand-m9-mstd0.5-inc1", 0.25)
     assert (p.attentive_heads, p.attentive_last_n) == (16, 6)
+    assert p.attentive_features == "augmented" and p.linear_solver == "lbfgs"
     assert (cfg.model.image_size, p.eval_resize) == (image, resize)  # resize, then centre crop
     if name == "vit_h14":
         assert cfg.model.head_hidden == 9408
+
+
+def test_tiny_probe_defaults_are_the_small_data_recipe_and_table_2_stays_in_the_big_presets():
+    p = preset("tiny").probe
+    assert (p.attentive_features, p.epochs, p.warmup_epochs, p.lrs) == ("cached", 40, 4.0,
+                                                                        (1e-2, 3e-2))
+    assert p.attentive_last_n == 2 and p.linear_solver == "lbfgs"
+    assert preset("vit_b16").probe.epochs == preset("vit_h14").probe.epochs == 100
 
 
 def test_frozen_encoder_is_bit_identical_after_probe_training():
@@ -299,6 +309,22 @@ def test_val_split_is_seeded_carved_from_train_and_never_test(tmp_path):
     assert set(again.val.table.column("path").to_pylist()) == val
     other = split_listings(data_cfg(root, max_train_images=20, val_fraction=0.25, seed=1))
     assert set(other.val.table.column("path").to_pylist()) != val
+
+
+def test_max_test_images_is_a_seeded_subsample_of_test(tmp_path):
+    root = make_color_dataset(tmp_path / "d", n_train=4, n_test=5, classes=3)  # 15 test images
+
+    def test_paths(**probe):
+        return split_listings(data_cfg(root, **probe)).test.table.column("path").to_pylist()
+
+    full = test_paths()
+    few = test_paths(max_test_images=6)
+    assert len(full) == 15 and len(few) == 6 and set(few) < set(full)
+    assert test_paths(max_test_images=6) == few
+    assert test_paths(max_test_images=6, seed=1) != few
+    assert test_paths(max_test_images=100) == full
+    with pytest.raises(ConfigError, match="probe.max_test_images"):
+        load_config("tiny", [f"data.uri={root}", "probe.max_test_images=0"])
 
 
 def test_dataset_without_labels_is_a_clear_error(tmp_path):
@@ -377,9 +403,10 @@ def test_attentive_probe_on_cached_features_encodes_the_train_images_once(
     encoder = random_encoder(cfg.model, seed=7)
     out = attentive.train_attentive(cfg, splits, {k: v for k, v in encoder.state_dict().items()})
     n_train, n_val, n_test = len(splits.train), len(splits.val), len(splits.test)
-    evals = 3 * n_val + n_test  # val after every epoch, test once
-    train_passes = 1 if features == "cached" else 3
-    assert sum(encoded) == train_passes * n_train + evals, (features, encoded)
+    if features == "cached":  # every split's eval views once
+        assert sum(encoded) == n_train + n_val + n_test, (features, encoded)
+    else:  # fresh views every epoch, val after every epoch, test once
+        assert sum(encoded) == 3 * n_train + 3 * n_val + n_test, (features, encoded)
     assert out["features"] == features
     # one colour per class: learnt from the clean views; RandAugment recolours a third of the
     # augmented ones, so 3 epochs there only beat chance (1/6) well

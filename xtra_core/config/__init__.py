@@ -14,7 +14,15 @@ Everything is importable from `xtra_core.config`.
 """
 
 from xtra_core.config.overrides import apply_overrides, build_config, config_from_dict, parse_dotted
-from xtra_core.config.presets import PRESETS, preset, table2_probe, tiny, vit_b16, vit_h14
+from xtra_core.config.presets import (
+    PRESETS,
+    preset,
+    small_data_probe,
+    table2_probe,
+    tiny,
+    vit_b16,
+    vit_h14,
+)
 from xtra_core.config.ranges import RANGES, ConfigError, Range, check_range
 from xtra_core.config.sections import (
     SECTIONS,
@@ -28,6 +36,7 @@ from xtra_core.config.sections import (
 
 __all__ = [
     "PRESETS",
+    "small_data_probe",
     "RANGES",
     "SECTIONS",
     "ConfigError",

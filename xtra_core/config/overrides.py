@@ -67,7 +67,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for member in inner[:-1]:  # the first member that takes the value
+            try:
+                return _coerce(key, value, member)
+            except ConfigError:
+                pass
+        return _coerce(key, value, inner[-1])
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

@@ -157,7 +157,9 @@ class TrainConfig:
     cpus_per_worker: float | None = None  # None: sized from the cluster, leaving CPUs to decode
     zero_stage: int = 2
     zero_bucket_size: int = 50_000_000  # elements per ZeRO reduce/allgather bucket
-    bf16: bool = False
+    # "auto": bf16 where the hardware runs it natively (CUDA bf16, CPU avx512_bf16/amx_bf16),
+    # else fp32 (xtra_core.precision); true / false force it
+    bf16: str | bool = "auto"
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
@@ -192,6 +194,8 @@ class TrainConfig:
             )
         _check_ranges("train", self, "max_steps", "checkpoint_every", "log_every",
                       "visualize_every", "visualize_images")
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise ConfigError(f"train.bf16={self.bf16!r} must be true, false or auto")
         if self.warmup_start_lr < 0 or (self.lr > 0 and self.warmup_start_lr > self.lr):
             raise ConfigError(
                 f"train.warmup_start_lr={self.warmup_start_lr} must be in [0, train.lr={self.lr}]"
@@ -251,6 +255,7 @@ class ProbeConfig:
     grad_clip: float = 3.0
     batch_size: int = 128
     max_train_images: int | None = None  # a seeded subsample of train
+    max_test_images: int | None = None  # a seeded subsample of test (None: the whole split)
     val_fraction: float = 0.1  # carved out of train, never the test split
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
@@ -262,7 +267,8 @@ class ProbeConfig:
     linear_weight_decays: tuple[float, ...] = (
         1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1,
     )  # L2 strength on the mean cross-entropy, (wd / 2) * ||W||^2
-    linear_max_iter: int = 1000  # L-BFGS iterations per weight decay
+    linear_max_iter: int = 1000  # L-BFGS iterations per weight decay, at most
+    linear_tolerance: float = 1e-3  # L-BFGS stops when every gradient entry is below this
     attentive_last_n: int = 6
     attentive_heads: int | None = None  # default: the encoder's heads
     # "augmented" (Table 2: fresh augmented views every epoch) or "cached" (the eval views'
@@ -280,6 +286,8 @@ class ProbeConfig:
         if not self.linear_weight_decays or any(w < 0 for w in self.linear_weight_decays):
             raise ConfigError(f"probe.linear_weight_decays={list(self.linear_weight_decays)} must "
                               "be a non-empty list of values >= 0")
+        if not self.linear_tolerance > 0:
+            raise ConfigError(f"probe.linear_tolerance={self.linear_tolerance} must be > 0")
         _check_ranges("probe", self, "val_fraction", "random_erasing")
         # probe.rand_augment (timm's spec) is read by pipelines.data.probe_augment, and checked
         # with every CLI command's values (pipelines.config_validation)
