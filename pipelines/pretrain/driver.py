@@ -128,6 +128,7 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
     if plan.trained:  # the steps are done: finish the end (export, registration) if it is missing
         return finish_trained_run(cfg, uri, plan, state, register, parent_run_id)
     cfg.train.cpus_per_worker = check_resources(cfg, storage_path=storage)  # may wait for the autoscaler
+    resources = {"CPU": cfg.train.cpus_per_worker}
     rows = (plan.stop_step - plan.start_step) * cfg.train.global_batch_size
     bad_files = bad_file_counter(plan.bad_files_actor)  # held by the driver for the whole fit
     dataset = stream.dataset(plan.start_step * cfg.train.global_batch_size, rows, bad_files)
