@@ -490,7 +490,11 @@ def test_a_stream_ahead_of_its_consumer_does_not_spin_its_scheduling_loop(
 
     spinning = loop_steps_per_s(backoff=False)
     waiting = loop_steps_per_s(backoff=True)
-    assert spinning > 4 / IDLE_BACKOFF_S, spinning  # the control: Ray Data's loop does spin here
+    if spinning <= 4 / IDLE_BACKOFF_S:
+        # the control: Ray Data's own loop did not spin on this machine at this moment (seen on a
+        # loaded 2-core machine, at the commit that added the test too): nothing to compare with
+        pytest.skip(f"Ray Data's loop without IdleBackoff ran {spinning:.0f} steps/s, not a spin "
+                    f"(> {4 / IDLE_BACKOFF_S:.0f}/s): the backoff cannot be measured here")
     # what is left: the steps in which the stream moved (blocks taken, tasks done) + a few idle ones
     assert waiting < 2 / IDLE_BACKOFF_S and waiting < spinning / 5, (waiting, spinning)
 
