@@ -22,6 +22,11 @@ def resolve_on_workers(cfg: XTRAConfig, resources: dict[str, Any] | None = None)
 
     if not t.use_gpu and len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
         return resolve_bf16(AUTO, local_hardware(False))
-    task = ray.remote(local_hardware).options(
+    task = ray.remote(_worker_hardware).options(
         num_cpus=(resources or {}).get("CPU", 1), num_gpus=1 if t.use_gpu else 0)
     return resolve_bf16(AUTO, ray.get(task.remote(t.use_gpu)))
+
+
+def _worker_hardware(use_gpu: bool) -> Hardware:
+    """What a worker's machine runs natively (a plain function: Ray cannot take the cached one)."""
+    return local_hardware(use_gpu)
