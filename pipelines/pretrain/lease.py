@@ -81,7 +81,10 @@ class RunLease:
             return None
 
     def _write(self) -> None:
-        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        run_dir = self.path.rsplit("/", 1)[0]
+        if not hasattr(self, "_made_dir"):  # a run refused before it wrote anything leaves no folder
+            self._made_dir = self.fs.get_file_info(run_dir).type == pafs.FileType.NotFound
+        self.fs.create_dir(run_dir, recursive=True)
         with self.fs.open_output_stream(self.path) as f:
             f.write(json.dumps({**self.me, "renewed": time.time(), "ttl_s": self.ttl_s}).encode())
 
@@ -138,6 +141,10 @@ class RunLease:
             holder = self.read()
             if holder and holder.get("id") == self.me["id"]:
                 self.fs.delete_file(self.path)
+                run_dir = self.path.rsplit("/", 1)[0]
+                if getattr(self, "_made_dir", False) and not self.fs.get_file_info(
+                        pafs.FileSelector(run_dir)):
+                    self.fs.delete_dir(run_dir)  # the lease made it and nothing else was written
         except OSError as e:
             log.warning("xtra: cannot delete the lease %s (it expires by itself): %s", self.path, e)
 
