@@ -44,12 +44,9 @@ def test_every_bad_key_is_named_in_one_line(capsys):
         assert key in err, (key, err)
 
 
-def test_sweep_grid_points_get_pretrain_validation_before_ray(capsys):
-    import ray
-
+def test_sweep_grid_points_get_pretrain_validation_before_ray(capsys, ray_must_not_start):
     assert cli_main(["sweep", "--data", "/nonexistent", "--axis", "train.lr=-1,1e-3"]) == 2
     assert "train.lr=-1.0 must be greater than 0" in _one_line(capsys)
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("name", ["../escape", "a'b", 'x"y', "a/b", ".."])
