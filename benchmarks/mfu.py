@@ -109,6 +109,20 @@ def single_process_group(device: torch.device) -> None:
                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def end_process_group() -> None:
+    """Destroy the group through DeepSpeed's comm when DeepSpeed used it: `torch.distributed`'s own
+    destroy leaves DeepSpeed's cached groups pointing at the dead group, and the next engine built in
+    this process fails with "Group ... is not registered"."""
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm.comm
+
+    if deepspeed.comm.comm.cdb is not None and deepspeed.comm.comm.cdb.is_initialized():
+        deepspeed.comm.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def step_config(model: ModelConfig, batch: int, bf16: bool, compile_: bool, zero_stage: int = 0
                 ) -> XTRAConfig:
     """The product's config for one rank taking `batch` images per optimiser step."""

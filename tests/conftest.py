@@ -107,3 +107,16 @@ def ray_cluster(aws_test_env: None) -> Iterator[None]:
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """The command under test may not start or use Ray: `ray.init` fails the test, whether or not
+    another test's Ray is up in this process (`ray.is_initialized()` reads False meanwhile)."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started Ray")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)

@@ -166,11 +166,11 @@ def test_raster_and_random_models_have_no_draw_count_and_draw_nothing():
 
 @pytest.fixture
 def one_process_group():
-    from benchmarks.mfu import single_process_group
+    from benchmarks.mfu import end_process_group, single_process_group
 
     single_process_group(torch.device("cpu"))
     yield
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 @pytest.mark.slow  # two real DeepSpeed engines in one process (~10 s each to build)

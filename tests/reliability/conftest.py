@@ -108,16 +108,3 @@ def fmnist(tmp_path_factory) -> str:
 def own_ray_env() -> dict[str, str]:
     """The environment for a CLI subprocess that starts its own Ray (no RAY_ADDRESS)."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-@pytest.fixture
-def ray_must_not_start(monkeypatch):
-    """The command under test may not start or use Ray: `ray.init` fails the test, whether or not
-    another test's Ray is up in this process (`ray.is_initialized()` reads False meanwhile)."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the command started Ray")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)

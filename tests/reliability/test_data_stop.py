@@ -16,8 +16,6 @@ from tests.reliability.conftest import own_ray_env, small_sets
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(strict=False, reason="failed once in a full-suite run on 2026-12-06 (passes alone, 86 s); "
-                   "not diagnosed yet: see the closing note of that stop")
 def test_too_many_bad_files_end_pretrain_in_one_line(fmnist, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(fmnist, data)

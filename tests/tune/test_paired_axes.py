@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import ray
 
 from pipelines import cli
 from tune.space import check_grid, dry_run, expand_point, parse_axes
@@ -53,12 +52,11 @@ def test_trial_config_splits_the_pair_into_its_keys():
     assert (cfg.model.image_size, cfg.model.patch_size, cfg.train.seed) == (224, 14, 1)
 
 
-def test_dry_run_prints_one_line_per_trial_and_starts_nothing(capsys):
-    assert not ray.is_initialized()
+def test_dry_run_prints_one_line_per_trial_and_starts_nothing(capsys, ray_must_not_start):
     rc = cli.main(["sweep", "--config", "tiny", "--axis", PAIR, "--axis", "block_size=1,2",
                    "--seeds", "2", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(lines) == 8 and not ray.is_initialized()
+    assert rc == 0 and len(lines) == 8
     assert lines[0] == ("trial 1/8: model.image_size=224 model.patch_size=14 model.block_size=1 "
                         "train.seed=0 data.seed=0")
     assert lines[-1].endswith("model.image_size=256 model.patch_size=16 model.block_size=2 "
@@ -68,7 +66,7 @@ def test_dry_run_prints_one_line_per_trial_and_starts_nothing(capsys):
         "trial 2/2: model.block_order=pseudo_random train.seed=0 data.seed=0"]
 
 
-def test_dry_run_of_a_point_that_cannot_work_is_one_error_line_exit_2(capsys):
+def test_dry_run_of_a_point_that_cannot_work_is_one_error_line_exit_2(capsys, ray_must_not_start):
     rc = cli.main(["sweep", "--config", "tiny", "--axis", "block_size=3", "--dry-run"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "block_size=3" in err[0] and not ray.is_initialized()
+    assert rc == 2 and len(err) == 1 and "block_size=3" in err[0]
