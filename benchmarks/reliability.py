@@ -58,6 +58,9 @@ ROWS = {
                                 "refused: {refused}; payload ran: {code_ran}"),
     "malicious_pickle_registry": ("pickle in place of the registry's pyfunc wrapper (`load_encoder`)",
                                   "weights loaded from safetensors; payload ran: {code_ran}"),
+    "tampered_checkpoint": ("pickle in place of a checkpoint's DeepSpeed model states in the run's "
+                            "storage, then a resume",
+                            "refused (SHA-256 recorded on the MLflow run): {refused}; payload ran: {code_ran}"),
     "node_loss": ("a rank's node removed after the first checkpoint, a new node added (2 ranks on 2 "
                   "nodes, s3:// storage, MLflow server)",
                   "resumed from {resumed_from_step}: {steps_redone} step(s) redone (interval "

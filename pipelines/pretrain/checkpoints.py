@@ -7,7 +7,8 @@ was trained with (a resume with another model or batch config is refused, naming
 the full-precision encoder consolidated from the ZeRO shards.
 
 Only DeepSpeed reads the `ds/` files with pickle (its own format): they come from the run's own
-storage, written by the run's workers. What this module loads itself is read with
+storage, written by the run's workers, and are checked against the SHA-256 recorded on the MLflow
+run before a load (`pipelines.pretrain.digests`). What this module loads itself is read with
 `torch.load(weights_only=True)`.
 """
 
@@ -39,7 +40,7 @@ FREE_KEYS = frozenset({
     "train.stop_at_step", "train.use_gpu", "train.cpus_per_worker", "train.zero_bucket_size",
     "train.checkpoint_every", "train.log_every", "train.num_to_keep", "train.max_failures",
     "train.resource_wait_s", "train.run_name", "train.storage_path", "train.visualize_every",
-    "train.visualize_images", "train.resume_mismatch_ok",
+    "train.visualize_images", "train.resume_mismatch_ok", "train.verify_checkpoints",
 })
 # keys whose effect is the LR schedule: compared through the resolved schedule (`schedule_keys`),
 # so that two spellings of one schedule (max_steps vs epochs x steps_per_epoch) are the same

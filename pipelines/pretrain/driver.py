@@ -51,6 +51,7 @@ from pipelines import console
 from pipelines.config_validation import validate_values
 from pipelines.data.stream import bad_file_counter, stream_stop_error
 from pipelines.errors import UserError
+from pipelines.pretrain import digests
 from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for callers and tests
     DS_TAG,
     STATE_FILE,
@@ -65,7 +66,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
 from pipelines.pretrain.lease import RunLease
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.precision import resolve_on_workers
-from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
+from pipelines.pretrain.progress import DIGESTS_METRIC, ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
 from pipelines.pretrain.resources import check_resources
 from pipelines.pretrain.trainer import deepspeed_config  # noqa: F401 - re-exported
@@ -136,6 +137,11 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
     run_id = tracking.start_or_resume_run(uri, cfg, run_name, parent_run_id)
     if changed and run_id:
         tracking.record_resume_changes(uri, run_id, start_step, changed, cfg)
+    trust = None
+    if cfg.train.verify_checkpoints and run_id:
+        resumed = latest_checkpoint_ref(storage, run_name, cfg) if plan.start_step else None
+        checked = verify_checkpoint(uri, run_id, resumed) if resumed is not None else {}
+        trust = {"uri": uri, "run_id": run_id, "checked": checked}
     model = build_model(cfg.model)
     print(
         f"[xtra] run {run_name}: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -155,7 +161,7 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
                                  consolidate_model)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__},
+        train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__, "trust": trust},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
@@ -186,7 +192,8 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
             raise stop from None
         raise
     out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.stop_step,
-                           "metrics": result.metrics, "checkpoint": result.checkpoint.path}
+                           "metrics": {k: v for k, v in result.metrics.items() if k != DIGESTS_METRIC},
+                           "checkpoint": result.checkpoint.path}
     if pictures:
         out["pictures"] = finish_pictures(pictures)
     if plan.stop_step == plan.total_steps:
@@ -228,12 +235,18 @@ def finish_end(cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | 
     says the end is done and the final status. A failure ends in one line that says how to finish
     it: the same command again (it comes back here through `finish_trained_run`)."""
     try:
+        if cfg.train.verify_checkpoints and run_id:  # before anything is unpickled from it
+            verify_checkpoint(uri, run_id, checkpoint)
         done = tracking.run_tags(uri, run_id).get(tracking.REGISTERED_VERSION_TAG) if run_id else None
         out = export_and_register(cfg, checkpoint, uri, run_id, register, registered_version=done)
         if run_id:
             tracking.set_run_tag(uri, run_id, tracking.END_TAG, "done")
             if register:  # a sweep's trial sets its run's status itself, after probing
                 tracking.finish_run(uri, run_id, "FINISHED")
+    except UserError:  # a checkpoint refused: its own line (running again would not help)
+        if run_id:
+            tracking.finish_run(uri, run_id, "FAILED", attempts=1)
+        raise
     except Exception as e:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED", attempts=1)
@@ -244,6 +257,17 @@ def finish_end(cfg: XTRAConfig, checkpoint: Checkpoint, uri: str, run_id: str | 
             "train.run_name) to finish it from the last checkpoint"
         ) from e
     return out
+
+
+def verify_checkpoint(uri: str, run_id: str, checkpoint: Checkpoint) -> dict[str, str]:
+    """Refuse a checkpoint in the run's storage whose files are not the ones this run saved (the
+    SHA-256 recorded on the MLflow run, `pipelines.pretrain.digests`); {name: digest} checked."""
+    name = Path(checkpoint.path).name
+    expected = tracking.recorded_tag(uri, run_id, digests.tag_key(name))
+    digests.verify(checkpoint.filesystem, checkpoint.path, name, expected,
+                   lambda: tracking.read_text(uri, run_id, f"{digests.MANIFEST_DIR}/{name}.sha256"),
+                   where=f"MLflow run {run_id}")
+    return {name: str(expected)}
 
 
 def export_and_register(

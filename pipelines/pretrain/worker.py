@@ -8,16 +8,21 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
 from ray.train import Checkpoint
 
 from pipelines.data.images import normalize
+from pipelines.errors import UserError
+from pipelines.pretrain import digests
 from pipelines.pretrain.checkpoints import schedule_keys, seal
 from pipelines.pretrain.plan import RunPlan
+from pipelines.pretrain.progress import DIGESTS_METRIC
 from pipelines.pretrain.trainer import build_engine, fit, resume, skip
 from xtra_core.config import XTRAConfig, config_from_dict
 
@@ -31,6 +36,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, scheduler = build_engine(cfg, plan)
     checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
+        if d is not None and loop_config.get("trust"):  # before DeepSpeed unpickles anything
+            verify_restored(d, Path(checkpoint.path).name, loop_config["trust"])
         step = resume(engine, d, plan)
     # the stream starts at plan.start_step; after an automatic restart Ray hands back a later
     # checkpoint than the one the stream was built for, so this worker passes over the difference
@@ -45,8 +52,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     schedule = schedule_keys(cfg, plan.total_steps, plan.steps_per_epoch)
 
     def report_checkpoint(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is not None and rank == 0:
-            seal(checkpoint_dir, schedule)  # the resolved schedule, that a resume compares
+        if checkpoint_dir is not None:
+            if rank == 0:
+                seal(checkpoint_dir, schedule)  # the resolved schedule, that a resume compares
+            # this rank's files, as written: the controller records them on the MLflow run
+            metrics = {**metrics, DIGESTS_METRIC: digests.local_digests(checkpoint_dir)}
         report(metrics, checkpoint_dir)
 
     step = fit(engine, scheduler, batches, cfg, plan, step, report_checkpoint, rank, extra_metrics)
@@ -55,6 +65,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"the data stream ended at step {step} before step {plan.stop_step}: "
             f"rank {rank} got fewer batches than planned"
         )
+
+
+def verify_restored(directory: str, name: str, trust: dict[str, Any]) -> None:
+    """The checkpoint Ray handed this worker, as downloaded, against the digest recorded for it:
+    the one the driver checked (passed in `trust`), or, after an automatic restart from a later
+    checkpoint, the MLflow run's tag."""
+    from pipelines.tracking import runs as tracking
+
+    uri, run_id = trust["uri"], trust["run_id"]
+    if name in trust.get("checked", {}):
+        expected = trust["checked"][name]
+    else:
+        try:
+            expected = tracking.recorded_tag(uri, run_id, digests.tag_key(name))
+        except Exception as e:  # MLflow unreachable: nothing to check against, nothing is loaded
+            raise UserError(f"checkpoint {name}: its SHA-256 cannot be read from MLflow run {run_id} "
+                            f"({type(e).__name__}); it is not loaded (--set "
+                            "train.verify_checkpoints=false skips the check)") from None
+    digests.verify(pafs.LocalFileSystem(), directory, name, expected,
+                   lambda: tracking.read_text(uri, run_id, f"{digests.MANIFEST_DIR}/{name}.sha256"),
+                   where=f"MLflow run {run_id}")
 
 
 def quiet_worker() -> None:

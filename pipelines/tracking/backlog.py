@@ -1,4 +1,4 @@
-"""The outage backlog: a run's metrics (and final status) that MLflow could not take, kept in a
+"""The outage backlog: a run's metrics, tags and final status that MLflow could not take, kept in a
 JSONL file and sent with the next call that gets through.
 
 MLflow trouble never stops training: `flush` gets one short try (`store.short_mlflow_retries`), keeps
@@ -37,6 +37,7 @@ class Backlog:
     def __init__(self, run_id: str) -> None:
         self.path = backlog_path(run_id)
         self.metrics: list[Any] = []
+        self.tags: dict[str, str] = {}
         self.status: str | None = None
         if self.path.exists():  # left by an earlier process
             from mlflow.entities import Metric
@@ -45,17 +46,22 @@ class Backlog:
                 rec = json.loads(line)
                 if "status" in rec:
                     self.status = rec["status"]
+                elif "tag" in rec:
+                    self.tags[rec["tag"]] = rec["value"]
                 else:
                     self.metrics.append(Metric(rec["key"], rec["value"], rec["timestamp"], rec["step"]))
 
     def add(self, batch: list[Any]) -> None:
         self.metrics.extend(batch)
 
+    def add_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
     def set_status(self, status: str) -> None:
         self.status = status
 
     def empty(self, with_status: bool) -> bool:
-        return not self.metrics and not (with_status and self.status)
+        return not self.metrics and not self.tags and not (with_status and self.status)
 
     def sent(self, n: int) -> None:
         del self.metrics[:n]
@@ -69,6 +75,7 @@ class Backlog:
             json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
             for m in self.metrics
         ]
+        lines += [json.dumps({"tag": k, "value": v}) for k, v in self.tags.items()]
         if self.status:
             lines.append(json.dumps({"status": self.status}))
         tmp = self.path.with_suffix(".tmp")
@@ -87,6 +94,11 @@ def flush(uri: str, run_id: str, backlog: Backlog, set_status: bool, quiet: bool
     try:
         with short_mlflow_retries(), no_url_printing(uri):
             c = client(uri)
+            if backlog.tags:
+                from mlflow.entities import RunTag
+
+                c.log_batch(run_id, tags=[RunTag(k, v) for k, v in backlog.tags.items()])
+                backlog.tags = {}
             while backlog.metrics:
                 chunk = backlog.metrics[:MAX_METRICS_PER_BATCH]
                 c.log_batch(run_id, metrics=chunk)

@@ -26,7 +26,13 @@ from typing import Any
 
 from pipelines.redaction import is_secret_key, redact, redact_config
 from pipelines.tracking.backlog import Backlog, flush, flush_patiently
-from pipelines.tracking.store import client, experiment_id, find_run
+from pipelines.tracking.store import (
+    client,
+    experiment_id,
+    find_run,
+    no_url_printing,
+    short_mlflow_retries,
+)
 from xtra_core.config import XTRAConfig
 
 logger = logging.getLogger("xtra.tracking")
@@ -154,6 +160,43 @@ def log_full_model(uri: str, run_id: str | None, model_dir: str | Path) -> None:
     """The full-model export (model.safetensors + config.json) as the run's `full_model/`."""
     if run_id:
         client(uri).log_artifacts(run_id, str(model_dir), FULL_MODEL_ARTIFACT)
+
+
+def record_tag(uri: str, run_id: str, key: str, value: str) -> bool:
+    """A tag on the run that must not be lost: kept in the outage backlog when MLflow is down (the
+    next flush sends it); never raises. True if MLflow has it now."""
+    backlog = Backlog(run_id)
+    backlog.add_tags({key: value})
+    return flush(uri, run_id, backlog, set_status=False, quiet=False)
+
+
+def recorded_tag(uri: str, run_id: str, key: str) -> str | None:
+    """A tag of the run as MLflow has it, else as this node's outage backlog holds it (recorded
+    while MLflow was down), else None. Raises if MLflow cannot be read."""
+    value = client(uri).get_run(run_id).data.tags.get(key)
+    return value if value is not None else Backlog(run_id).tags.get(key)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> bool:
+    """A small text artifact; never raises. True if it was logged."""
+    try:
+        with short_mlflow_retries(), no_url_printing(uri):
+            client(uri).log_text(run_id, text, artifact_file)
+        return True
+    except Exception as e:  # an outage: the caller's record does not depend on it
+        logger.warning("xtra: could not log %s to MLflow run %s (%s)", artifact_file, run_id,
+                       redact(str(e).splitlines()[0] if str(e) else type(e).__name__)[:200])
+        return False
+
+
+def read_text(uri: str, run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of the run, None if it is not there or cannot be read."""
+    try:
+        with short_mlflow_retries(), no_url_printing(uri), tempfile.TemporaryDirectory() as d:
+            path = client(uri).download_artifacts(run_id, artifact_file, d)
+            return Path(path).read_text()
+    except Exception:
+        return None
 
 
 def log_file(uri: str, run_id: str, path: str | Path, folder: str | None = None) -> None:

@@ -36,7 +36,8 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a sqlite store under `root`; `stop()` kills the process,
     `start()` brings it back on the same port and store."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.extra_args, self.env = extra_args, env
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -51,8 +52,10 @@ class MlflowServer:
                 sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--backend-store-uri", f"sqlite:///{self.root}/server.db",
                 "--default-artifact-root", str(self.root / "server-artifacts"), "--workers", "1",
+                *self.extra_args,
             ],
             stdout=self.log, stderr=self.log, start_new_session=True,
+            env={**os.environ, **(self.env or {})},
         )
         for _ in range(240):
             try:

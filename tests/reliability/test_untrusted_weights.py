@@ -97,3 +97,40 @@ def _swap_pickles_and_load(tmp_path: Path, marker: Path, info: dict, state: dict
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, state[k]), k
     record_figure("malicious_pickle_registry", refused=True, code_ran=marker.exists())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_changed_in_storage_is_refused_before_it_is_unpickled(
+        ray_cluster, fmnist, tmp_path, capsys):
+    """Every checkpoint file's SHA-256 is recorded on the MLflow run at save; a resume whose
+    checkpoint was changed in the run's storage (a pickle payload in place of DeepSpeed's model
+    states) ends in one line naming the file, and the payload never runs."""
+    from pipelines.pretrain import digests
+    from pipelines.pretrain import driver as pretrain
+    from tests.reliability.conftest import make_cfg, small_sets
+
+    sets = {"train.max_steps": 4, "train.checkpoint_every": 2}
+    first = pretrain.run_pretraining(make_cfg(tmp_path, fmnist, "tamper", **sets, **{"train.stop_at_step": 2}))
+    ckpt = Path(first["checkpoint"])
+    assert ckpt.name == "checkpoint_step000000002"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    files = digests.local_digests(str(ckpt))
+    assert {"xtra_state.json", "ds/mp_rank_00_model_states.pt"} <= set(files)
+    assert any("zero_pp_rank_1" in p for p in files)  # rank 1's own files are recorded too
+    tags = client.get_run(first["run_id"]).data.tags
+    assert tags[digests.tag_key(ckpt.name)] == digests.manifest_digest(files)
+    recorded = Path(client.download_artifacts(first["run_id"], f"checkpoint_sha256/{ckpt.name}.sha256",
+                                              str(tmp_path / "dl"))).read_text()
+    assert digests.parse_manifest(recorded) == files
+
+    marker = tmp_path / "pwned"
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(_malicious_pickle(marker))
+    capsys.readouterr()
+    code = cli_main(["pretrain", *[a for k, v in small_sets(tmp_path, fmnist, "tamper", **sets).items()
+                                   for a in ("--set", f"{k}={v}")]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "checkpoint_step000000002" in err[0] and "changed: ds/mp_rank_00_model_states.pt" in err[0], err
+    assert "Traceback" not in "\n".join(err)
+    assert not marker.exists()  # nothing was unpickled
+    record_figure("tampered_checkpoint", refused=True, code_ran=marker.exists())

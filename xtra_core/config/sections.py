@@ -183,6 +183,8 @@ class TrainConfig:
     visualize_every: int = 0
     visualize_images: int = 8
     resume_mismatch_ok: bool = False  # resume even if the model/batch config differs from the checkpoint's
+    # check every checkpoint file's SHA-256 (recorded on the MLflow run at save) before loading it
+    verify_checkpoints: bool = True
 
     def validate(self) -> None:
         _check_ranges("train", self, "zero_stage", "num_workers")
