@@ -31,7 +31,7 @@ demo:
 	$(BIN)/python -m pipelines.demo
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" tests
