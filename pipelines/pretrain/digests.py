@@ -2,8 +2,9 @@
 
 DeepSpeed reads its checkpoints with pickle, so whoever can write the run's storage could run code
 on the driver and the workers through a checkpoint file. The tracking store is a separate trust
-domain: when a checkpoint is saved, every rank hashes the files it wrote, and the Ray Train
-controller records one digest of the whole checkpoint on the MLflow run (the tag
+domain: when a checkpoint is saved, every rank hashes the files it wrote, and rank 0 gathers them
+and records, before Ray Train uploads and registers the checkpoint (so a registered checkpoint
+always has one), one digest of the whole checkpoint on the MLflow run (the tag
 `xtra.checkpoint_sha256.<checkpoint dir>`, the SHA-256 of its `sha256sum`-style manifest) and the
 manifest as the artifact `checkpoint_sha256/<checkpoint dir>.sha256` (to name a changed file).
 

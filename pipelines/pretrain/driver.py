@@ -66,7 +66,7 @@ from pipelines.pretrain.checkpoints import (  # noqa: F401 - re-exported for cal
 from pipelines.pretrain.lease import RunLease
 from pipelines.pretrain.plan import RunPlan, default_run_name, open_storage, plan_run, storage_path  # noqa: F401
 from pipelines.pretrain.precision import resolve_on_workers
-from pipelines.pretrain.progress import DIGESTS_METRIC, ProgressAndTracking, StatusRelay
+from pipelines.pretrain.progress import ProgressAndTracking, StatusRelay
 from pipelines.pretrain.rank_streams import TrainStream, build_train_stream
 from pipelines.pretrain.resources import check_resources
 from pipelines.pretrain.trainer import deepspeed_config  # noqa: F401 - re-exported
@@ -137,11 +137,12 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
     run_id = tracking.start_or_resume_run(uri, cfg, run_name, parent_run_id)
     if changed and run_id:
         tracking.record_resume_changes(uri, run_id, start_step, changed, cfg)
-    trust = None
-    if cfg.train.verify_checkpoints and run_id:
+    trust = None  # where the workers record and check checkpoint digests
+    if run_id:
         resumed = latest_checkpoint_ref(storage, run_name, cfg) if plan.start_step else None
-        checked = verify_checkpoint(uri, run_id, resumed) if resumed is not None else {}
-        trust = {"uri": uri, "run_id": run_id, "checked": checked}
+        checked = (verify_checkpoint(uri, run_id, resumed)
+                   if resumed is not None and cfg.train.verify_checkpoints else {})
+        trust = {"uri": uri, "run_id": run_id, "checked": checked, "verify": cfg.train.verify_checkpoints}
     model = build_model(cfg.model)
     print(
         f"[xtra] run {run_name}: {count_parameters(model) / 1e6:.2f}M parameters, "
@@ -192,8 +193,7 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
             raise stop from None
         raise
     out: dict[str, Any] = {"run_name": run_name, "run_id": run_id, "step": plan.stop_step,
-                           "metrics": {k: v for k, v in result.metrics.items() if k != DIGESTS_METRIC},
-                           "checkpoint": result.checkpoint.path}
+                           "metrics": result.metrics, "checkpoint": result.checkpoint.path}
     if pictures:
         out["pictures"] = finish_pictures(pictures)
     if plan.stop_step == plan.total_steps:

@@ -9,23 +9,17 @@ with `xtra --verbose`, so the callback sends its status lines to the driver thro
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ray.train.v2.api.callback import UserCallback
 
 from pipelines.console import format_seconds
-from pipelines.pretrain import digests
 from pipelines.pretrain.plan import RunPlan
 from pipelines.tracking import runs as tracking
-
-log = logging.getLogger("xtra")
-DIGESTS_METRIC = "checkpoint_sha256"  # each rank's report: {file: SHA-256} of the files it saved
 
 
 class ProgressAndTracking(UserCallback):
@@ -50,24 +44,9 @@ class ProgressAndTracking(UserCallback):
             f"bad files {int(m['bad_files'])} | ETA {format_seconds(eta)}"
             + (" | checkpoint saved" if checkpoint is not None else "")
         )
-        if self.run_id and checkpoint is not None:
-            record_checkpoint_digest(self.uri, self.run_id, checkpoint, metrics)
         if self.run_id:
             per_rank = {f"optimizer_state_mb/rank{i}": r.get("optimizer_state_mb", 0.0) for i, r in enumerate(metrics)}
             tracking.log_step_metrics(self.uri, self.run_id, {**m, **per_rank}, step)
-
-
-def record_checkpoint_digest(uri: str, run_id: str, checkpoint, metrics: list[dict[str, Any]]) -> None:
-    """The SHA-256 of every file of a saved checkpoint (each rank's report carries its own files')
-    on the MLflow run: its tag (kept in the outage backlog if MLflow is down) and its manifest."""
-    name = Path(checkpoint.path).name
-    try:
-        files = digests.merge_rank_digests([m.get(DIGESTS_METRIC) for m in metrics])
-    except ValueError as e:
-        log.warning("xtra: checkpoint %s cannot be verified later: %s", name, e)
-        return
-    tracking.record_tag(uri, run_id, digests.tag_key(name), digests.manifest_digest(files))
-    tracking.log_text(uri, run_id, digests.manifest(files), f"{digests.MANIFEST_DIR}/{name}.sha256")
 
 
 class StatusRelay:

@@ -22,7 +22,6 @@ from pipelines.errors import UserError
 from pipelines.pretrain import digests
 from pipelines.pretrain.checkpoints import schedule_keys, seal
 from pipelines.pretrain.plan import RunPlan
-from pipelines.pretrain.progress import DIGESTS_METRIC
 from pipelines.pretrain.trainer import build_engine, fit, resume, skip
 from xtra_core.config import XTRAConfig, config_from_dict
 
@@ -36,7 +35,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, scheduler = build_engine(cfg, plan)
     checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as d:
-        if d is not None and loop_config.get("trust"):  # before DeepSpeed unpickles anything
+        if d is not None and (loop_config.get("trust") or {}).get("verify"):  # before DeepSpeed unpickles
             verify_restored(d, Path(checkpoint.path).name, loop_config["trust"])
         step = resume(engine, d, plan)
     # the stream starts at plan.start_step; after an automatic restart Ray hands back a later
@@ -55,8 +54,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if checkpoint_dir is not None:
             if rank == 0:
                 seal(checkpoint_dir, schedule)  # the resolved schedule, that a resume compares
-            # this rank's files, as written: the controller records them on the MLflow run
-            metrics = {**metrics, DIGESTS_METRIC: digests.local_digests(checkpoint_dir)}
+            if loop_config.get("trust"):  # recorded before Ray registers the checkpoint
+                record_digests(checkpoint_dir, checkpoint_name(metrics["step"]), rank, loop_config["trust"])
         report(metrics, checkpoint_dir)
 
     step = fit(engine, scheduler, batches, cfg, plan, step, report_checkpoint, rank, extra_metrics)
@@ -65,6 +64,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"the data stream ended at step {step} before step {plan.stop_step}: "
             f"rank {rank} got fewer batches than planned"
         )
+
+
+def record_digests(checkpoint_dir: str, name: str, rank: int, trust: dict[str, Any]) -> None:
+    """Every rank hashes the files it wrote; rank 0 gathers them and records the checkpoint's digest
+    on the MLflow run (its tag; kept in the outage backlog if MLflow is down) and its manifest,
+    before `ray.train.report` uploads and registers it: a registered checkpoint always has one."""
+    import torch.distributed as dist
+
+    from pipelines.tracking import runs as tracking
+
+    mine = digests.local_digests(checkpoint_dir)
+    gathered: list[Any] = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return
+    try:
+        files = digests.merge_rank_digests(gathered)
+    except ValueError as e:
+        logging.getLogger("xtra").warning("xtra: checkpoint %s cannot be verified later: %s", name, e)
+        return
+    tracking.record_tag(trust["uri"], trust["run_id"], digests.tag_key(name), digests.manifest_digest(files))
+    tracking.log_text(trust["uri"], trust["run_id"], digests.manifest(files),
+                      f"{digests.MANIFEST_DIR}/{name}.sha256")
 
 
 def verify_restored(directory: str, name: str, trust: dict[str, Any]) -> None:
@@ -110,7 +134,11 @@ def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ray.train.report(metrics)
     else:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=f"checkpoint_step{int(metrics['step']):09d}")
+                         checkpoint_dir_name=checkpoint_name(metrics["step"]))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_step{int(step):09d}"
 
 
 def optimizer_state_bytes(engine: Any) -> int:

@@ -24,9 +24,9 @@ BACKLOG_DIR_ENV = "XTRA_TRACKING_BACKLOG_DIR"  # default ~/.cache/xtra/tracking-
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 
-def backlog_path(run_id: str) -> Path:
+def backlog_path(run_id: str, kind: str = "") -> Path:
     root = os.environ.get(BACKLOG_DIR_ENV) or Path("~/.cache/xtra/tracking-backlog").expanduser()
-    return Path(root, f"{run_id}.jsonl")
+    return Path(root, f"{run_id}{'.' + kind if kind else ''}.jsonl")
 
 
 class Backlog:
@@ -34,8 +34,10 @@ class Backlog:
     JSONL file: the controller (which logs the steps) and the driver (which sets the final
     status) are two processes on the same node, and a restarted controller finds it too."""
 
-    def __init__(self, run_id: str) -> None:
-        self.path = backlog_path(run_id)
+    def __init__(self, run_id: str, kind: str = "") -> None:
+        """`kind`: a separate file for another writer (rank 0's checkpoint-digest tags, "tags"),
+        so that two processes never rewrite one file."""
+        self.path = backlog_path(run_id, kind)
         self.metrics: list[Any] = []
         self.tags: dict[str, str] = {}
         self.status: str | None = None

@@ -43,6 +43,7 @@ METRIC_KEYS = ("loss", "lr", "images_per_s", "bad_files", "epoch", "resumed_from
 # is registered (or logged) with its alias; a re-run of a trained run finishes what is missing
 REGISTERED_VERSION_TAG = "xtra.registered_version"
 END_TAG = "xtra.end"
+TAGS_BACKLOG = "tags"  # rank 0's tags (checkpoint digests) wait in their own backlog file
 FULL_MODEL_ARTIFACT = "full_model"  # a pretraining run's artifact: the whole XTRA (model.safetensors)
 
 
@@ -79,6 +80,7 @@ def start_or_resume_run(
         stale = Backlog(run_id)
         stale.status = None  # the run goes on: an earlier end's status is moot
         flush(uri, run_id, stale, set_status=False, quiet=False)  # metrics an outage left behind
+        flush(uri, run_id, Backlog(run_id, TAGS_BACKLOG), set_status=False, quiet=False)
         if found.info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
         return run_id
@@ -165,7 +167,7 @@ def log_full_model(uri: str, run_id: str | None, model_dir: str | Path) -> None:
 def record_tag(uri: str, run_id: str, key: str, value: str) -> bool:
     """A tag on the run that must not be lost: kept in the outage backlog when MLflow is down (the
     next flush sends it); never raises. True if MLflow has it now."""
-    backlog = Backlog(run_id)
+    backlog = Backlog(run_id, TAGS_BACKLOG)
     backlog.add_tags({key: value})
     return flush(uri, run_id, backlog, set_status=False, quiet=False)
 
@@ -174,7 +176,7 @@ def recorded_tag(uri: str, run_id: str, key: str) -> str | None:
     """A tag of the run as MLflow has it, else as this node's outage backlog holds it (recorded
     while MLflow was down), else None. Raises if MLflow cannot be read."""
     value = client(uri).get_run(run_id).data.tags.get(key)
-    return value if value is not None else Backlog(run_id).tags.get(key)
+    return value if value is not None else Backlog(run_id, TAGS_BACKLOG).tags.get(key)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> bool:

@@ -95,8 +95,10 @@ def test_a_digest_tag_mlflow_cannot_take_waits_in_the_backlog_and_is_sent_later(
         mlflow.MlflowClient(uri).create_experiment("e")).info.run_id
     key = digests.tag_key("checkpoint_step000000004")
     assert runs.record_tag(_closed_port_uri(), run_id, key, "abc") is False  # MLflow down
-    assert backlog_mod.Backlog(run_id).tags == {key: "abc"}  # kept on disk
+    assert backlog_mod.Backlog(run_id, runs.TAGS_BACKLOG).tags == {key: "abc"}  # kept on disk
+    assert not backlog_mod.backlog_path(run_id).exists()  # not in the controller's metrics file
     assert runs.recorded_tag(uri, run_id, key) == "abc"  # read from the backlog meanwhile
-    assert backlog_mod.flush_backlog(uri, run_id, set_status=False)
-    assert mlflow.MlflowClient(uri).get_run(run_id).data.tags[key] == "abc"
-    assert not backlog_mod.backlog_path(run_id).exists()
+    assert runs.record_tag(uri, run_id, digests.tag_key("checkpoint_step000000008"), "def")  # back
+    tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    assert tags[key] == "abc" and tags[digests.tag_key("checkpoint_step000000008")] == "def"
+    assert not backlog_mod.backlog_path(run_id, runs.TAGS_BACKLOG).exists()
