@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
 # pins of requirements.txt that the runtime env leaves to the node image (see its header)
 IMAGE_PINS = {"torch", "ray"}
-TEST_TOOLS = {"pytest", "hypothesis", "ruff", "moto", "kubernetes-validate", "scikit-learn"}  # test-only: never on a cluster
+TEST_TOOLS = {"pytest", "hypothesis", "ruff", "moto", "kubernetes-validate", "scikit-learn", "flask-wtf",
+              "wtforms"}  # test-only: never on a cluster
 
 
 def pins(lines: list[str]) -> dict[str, str]:
