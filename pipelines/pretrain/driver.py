@@ -184,6 +184,9 @@ def _pretrain(cfg: XTRAConfig, stream: TrainStream, uri: str, callbacks: Sequenc
             result = trainer.fit()
         if result.error:
             raise result.error
+        stopped = stream_stop_error(bad_files)  # a restarted group that ended on a data stop
+        if stopped is not None:
+            raise stopped
     except BaseException as e:
         finish_pictures(pictures, succeeded=False)
         if run_id:

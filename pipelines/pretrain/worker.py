@@ -31,6 +31,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_worker()
     cfg = config_from_dict(loop_config["config"])
     plan = RunPlan(**loop_config["plan"])
+    if plan.bad_files_actor and data_stopped(plan.bad_files_actor):
+        return  # an earlier attempt stopped on the data: a retry would stop again; the driver says why
     rank = ray.train.get_context().get_world_rank()
     engine, scheduler = build_engine(cfg, plan)
     checkpoint = ray.train.get_checkpoint()  # the newest: a resumed run or an automatic restart
@@ -64,6 +66,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"the data stream ended at step {step} before step {plan.stop_step}: "
             f"rank {rank} got fewer batches than planned"
         )
+
+
+def data_stopped(actor_name: str) -> bool:
+    """True when the data stream stopped this run for a reason that does not go away (too many bad
+    files, an unreadable file): Ray Train's automatic restarts (`train.max_failures`) retry every
+    worker failure, so a restarted worker ends at once instead of reading the same data again."""
+    try:
+        return bool(ray.get(ray.get_actor(actor_name).stop_reason.remote()))
+    except ValueError:  # no such actor (the driver is gone): nothing to go by
+        return False
 
 
 def record_digests(checkpoint_dir: str, name: str, rank: int, trust: dict[str, Any]) -> None:
