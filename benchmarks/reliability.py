@@ -55,8 +55,8 @@ ROWS = {
     "secrets_failing_paths": ("planted credentials ({planted}) on the failing path of every command",
                               "{commands} command paths, {secrets_found} secrets found in their output"),
     "secrets_basic_auth": ("a real `mlflow server --app-name basic-auth`, its admin password (with '@ / %') "
-                           "in the tracking URI: good paths of pretrain, probe, export, promote, visualize "
-                           "and a refused login",
+                           "in the tracking URI: good paths of pretrain, probe, export, promote, visualize, "
+                           "sweep and a refused login",
                            "{commands} command runs, {files_scanned} files scanned (run storage, MLflow "
                            "store and artifacts, Ray logs), {secrets_found} secrets found"),
     "malicious_pickle_export": ("pickle in place of the export weights (`xtra probe --model dir`)",

@@ -1,6 +1,6 @@
 """A real `mlflow server --app-name basic-auth`: its admin password, given in the tracking URI
 (with `@`, `/` and `%` in it), is printed, logged or stored nowhere on the good paths of pretrain,
-probe, export, promote and visualize, nor on a refused login."""
+probe, export, promote, visualize and sweep, nor on a refused login."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main as cli_main
-from tests.reliability.conftest import MlflowServer, record_figure, small_sets
+from tests.reliability.conftest import SMALL_MODEL, MlflowServer, record_figure, small_sets
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,15 @@ def test_basic_auth_password_is_never_printed_logged_or_stored(ray_cluster, fmni
                                        "--n", "2", "--out", str(tmp_path / "fig.png")],
                                       {"mlflow.tracking_uri": uri, **probe_sets}, capsys)
     assert code == 0 and (tmp_path / "fig.png").exists(), printed["visualize"][-2000:]
+    sweep_sets = {**SMALL_MODEL, "train.global_batch_size": 16, "train.num_workers": 2,
+                  "train.cpus_per_worker": 0.5, "train.max_steps": 2, "train.warmup_steps": 1,
+                  "train.log_every": 1, "train.checkpoint_every": 2,
+                  "train.storage_path": str(tmp_path / "sweep-runs"), "mlflow.tracking_uri": uri,
+                  "mlflow.experiment": "sweeps", "probe.lrs": [0.01], "probe.epochs": 2}
+    code, printed["sweep"] = _cli(["sweep", "--data", fmnist, "--axis", "block_size=2", "--name", "authsweep",
+                                   "--max-concurrent", "1"],
+                                  {k: json.dumps(v) for k, v in sweep_sets.items()}, capsys)
+    assert code == 0 and "(block_size=2 seed=0): probed" in printed["sweep"], printed["sweep"][-3000:]
     wrong = uri.replace(urllib.parse.quote(PASSWORD, safe=""), urllib.parse.quote(PASSWORD + "no", safe=""))
     code, printed["wrong password"] = _cli(["promote", "--model", "models:/enc-auth/1", "--alias", "x"],
                                           {"mlflow.tracking_uri": wrong}, capsys)
