@@ -34,6 +34,9 @@ def test_submit_pretrain_registers_the_encoder_and_a_failing_job_exits_non_zero(
         "train.cpus_per_worker": 0.5, "train.checkpoint_every": 2, "train.run_name": "submitted",
         "train.storage_path": str(tmp_path / "runs"), "mlflow.tracking_uri": tracking,
         "mlflow.registered_model": "submitted-encoder",
+        # a credential on the command line (unused by a local dataset): the submit line and the
+        # followed job log must not show it
+        "data.s3_endpoint": "http://AKIAPLANTED:SubmitPlanted9@127.0.0.1:9",
     }
     job_args = ["--config", "tiny", "--data", str(data)]
     for k, v in sets.items():
@@ -49,6 +52,7 @@ def test_submit_pretrain_registers_the_encoder_and_a_failing_job_exits_non_zero(
     assert f"ray job logs --address {dashboard} --follow {job_id}" in out
     assert f"ray job stop --address {dashboard} {job_id}" in out
     assert "[xtra] step 2/2" in out  # the job's own log lines, followed
+    assert "SubmitPlanted9" not in out and "AKIAPLANTED" not in out  # good path: nothing printed
     info = JobSubmissionClient(dashboard).get_job_info(job_id)
     assert info.status == JobStatus.SUCCEEDED
     assert info.runtime_env["env_vars"]["PYTHONUNBUFFERED"] == "1"  # the file's env vars applied
