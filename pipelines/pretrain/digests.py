@@ -107,3 +107,21 @@ def verify(fs: pafs.FileSystem, root: str, name: str, expected: str | None,
         f"checkpoint {name} in the run's storage is not the one this run saved ({what}; SHA-256 "
         f"recorded on {where or 'its MLflow run'}): refused before loading anything from it; "
         "restore the checkpoint or start another train.run_name")
+
+
+def manifest_artifact(checkpoint_name: str) -> str:
+    """The run's artifact that holds a checkpoint's manifest."""
+    return f"{MANIFEST_DIR}/{checkpoint_name}.sha256"
+
+
+def check_against_run(fs: pafs.FileSystem, root: str, name: str, uri: str, run_id: str,
+                      expected: str | None = None) -> str:
+    """`verify` the checkpoint at `root` against the digest recorded on MLflow run `run_id` (or
+    `expected`, a digest already read from it); returns the digest. MLflow errors propagate."""
+    from pipelines.tracking import runs as tracking
+
+    if expected is None:
+        expected = tracking.recorded_tag(uri, run_id, tag_key(name))
+    verify(fs, root, name, expected, lambda: tracking.read_text(uri, run_id, manifest_artifact(name)),
+           where=f"MLflow run {run_id}")
+    return str(expected)

@@ -266,11 +266,7 @@ def verify_checkpoint(uri: str, run_id: str, checkpoint: Checkpoint) -> dict[str
     """Refuse a checkpoint in the run's storage whose files are not the ones this run saved (the
     SHA-256 recorded on the MLflow run, `pipelines.pretrain.digests`); {name: digest} checked."""
     name = Path(checkpoint.path).name
-    expected = tracking.recorded_tag(uri, run_id, digests.tag_key(name))
-    digests.verify(checkpoint.filesystem, checkpoint.path, name, expected,
-                   lambda: tracking.read_text(uri, run_id, f"{digests.MANIFEST_DIR}/{name}.sha256"),
-                   where=f"MLflow run {run_id}")
-    return {name: str(expected)}
+    return {name: digests.check_against_run(checkpoint.filesystem, checkpoint.path, name, uri, run_id)}
 
 
 def export_and_register(

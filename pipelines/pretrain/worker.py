@@ -99,29 +99,22 @@ def record_digests(checkpoint_dir: str, name: str, rank: int, trust: dict[str, A
         logging.getLogger("xtra").warning("xtra: checkpoint %s cannot be verified later: %s", name, e)
         return
     tracking.record_tag(trust["uri"], trust["run_id"], digests.tag_key(name), digests.manifest_digest(files))
-    tracking.log_text(trust["uri"], trust["run_id"], digests.manifest(files),
-                      f"{digests.MANIFEST_DIR}/{name}.sha256")
+    tracking.log_text(trust["uri"], trust["run_id"], digests.manifest(files), digests.manifest_artifact(name))
 
 
 def verify_restored(directory: str, name: str, trust: dict[str, Any]) -> None:
     """The checkpoint Ray handed this worker, as downloaded, against the digest recorded for it:
     the one the driver checked (passed in `trust`), or, after an automatic restart from a later
     checkpoint, the MLflow run's tag."""
-    from pipelines.tracking import runs as tracking
-
-    uri, run_id = trust["uri"], trust["run_id"]
-    if name in trust.get("checked", {}):
-        expected = trust["checked"][name]
-    else:
-        try:
-            expected = tracking.recorded_tag(uri, run_id, digests.tag_key(name))
-        except Exception as e:  # MLflow unreachable: nothing to check against, nothing is loaded
-            raise UserError(f"checkpoint {name}: its SHA-256 cannot be read from MLflow run {run_id} "
-                            f"({type(e).__name__}); it is not loaded (--set "
-                            "train.verify_checkpoints=false skips the check)") from None
-    digests.verify(pafs.LocalFileSystem(), directory, name, expected,
-                   lambda: tracking.read_text(uri, run_id, f"{digests.MANIFEST_DIR}/{name}.sha256"),
-                   where=f"MLflow run {run_id}")
+    try:
+        digests.check_against_run(pafs.LocalFileSystem(), directory, name, trust["uri"], trust["run_id"],
+                                  trust.get("checked", {}).get(name))
+    except UserError:
+        raise
+    except Exception as e:  # MLflow unreachable: nothing to check against, nothing is loaded
+        raise UserError(f"checkpoint {name}: its SHA-256 cannot be read from MLflow run {trust['run_id']} "
+                        f"({type(e).__name__}); it is not loaded (--set "
+                        "train.verify_checkpoints=false skips the check)") from None
 
 
 def quiet_worker() -> None:
