@@ -182,16 +182,25 @@ class BadFileCounter:
 
 
 def bad_file_counter(name: str | None = None) -> ray.actor.ActorHandle:
-    """A new `BadFileCounter` actor (or, with `name`, the existing one of that name)."""
+    """A new `BadFileCounter` actor (or, with `name`, the existing one of that name), on the
+    caller's node: the driver holds it for a whole fit, and a worker node lost mid-run (which Ray
+    Train restarts from) must not take the counter with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     if name is None:
-        return BadFileCounter.remote()
-    return BadFileCounter.options(name=name, get_if_exists=True).remote()
+        return BadFileCounter.options(scheduling_strategy=here).remote()
+    return BadFileCounter.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 def stream_stop_error(counter: ray.actor.ActorHandle) -> UserError | None:
     """After a failed stream: the data's own reason as a one-line UserError, or None if the data
-    did not stop it. A driver re-raises it instead of Ray's wrapped traceback."""
-    reason = ray.get(counter.stop_reason.remote())
+    did not stop it (or the counter is gone with its node). A driver re-raises it instead of Ray's
+    wrapped traceback."""
+    try:
+        reason = ray.get(counter.stop_reason.remote())
+    except ray.exceptions.RayActorError:
+        return None
     return UserError(reason) if reason else None
 
 

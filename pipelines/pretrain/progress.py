@@ -54,9 +54,13 @@ class StatusRelay:
     that takes no CPU) written by the callback and drained by a thread on the driver."""
 
     def __init__(self) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: a worker node lost mid-run must not take the status queue with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def put(self, line: str) -> None:
         self.queue.put(line)

@@ -74,7 +74,7 @@ def data_stopped(actor_name: str) -> bool:
     worker failure, so a restarted worker ends at once instead of reading the same data again."""
     try:
         return bool(ray.get(ray.get_actor(actor_name).stop_reason.remote()))
-    except ValueError:  # no such actor (the driver is gone): nothing to go by
+    except (ValueError, ray.exceptions.RayActorError):  # no such actor, or it is gone: nothing to go by
         return False
 
 
