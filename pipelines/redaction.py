@@ -87,7 +87,11 @@ def _redact_userinfo(word: str) -> str:
 def env_secrets(environ: dict[str, str] | None = None) -> list[str]:
     """The values of credential-named environment variables, longest first."""
     env = os.environ if environ is None else environ
-    found = {v for k, v in env.items() if _ENV_SECRET_NAME.search(k) and len(v) >= MIN_ENV_SECRET_LEN}
+    # key by key, not env.items(): another thread may unset a variable meanwhile (MLflow's
+    # telemetry thread does), and os.environ's items() then raises KeyError mid-iteration
+    values = ((k, env.get(k)) for k in list(env))
+    found = {v for k, v in values if v is not None and _ENV_SECRET_NAME.search(k)
+             and len(v) >= MIN_ENV_SECRET_LEN}
     return sorted(found, key=len, reverse=True)
 
 

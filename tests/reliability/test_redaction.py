@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import yaml
 
 from pipelines.cli import main as cli_main
-from pipelines.redaction import redact, redact_config
+from pipelines.redaction import env_secrets, redact, redact_config
 from pipelines.tracking.runs import public_config, public_params
 from xtra_core.config import build_config
 
@@ -101,3 +103,35 @@ def test_unexpected_error_traceback_is_redacted(capsys, monkeypatch):
     code = cli_main(["export", "--model", "models:/x/1", "--out", "/tmp/nowhere-xtra"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "PlantedBoom9" not in err and "***@h:1" in err, err
+
+
+class RacingEnviron(MutableMapping):
+    """`os.environ` as one thread sees it while another unsets a variable (MLflow's telemetry
+    thread unsets `_MLFLOW_TELEMETRY_SESSION_ID`): its keys are listed, then one is gone when read."""
+
+    def __init__(self, data: dict[str, str], vanishing: str) -> None:
+        self.data, self.vanishing = dict(data), vanishing
+
+    def __iter__(self):
+        keys = list(self.data)
+        self.data.pop(self.vanishing, None)  # unset by the other thread after the keys were listed
+        return iter(keys)
+
+    def __getitem__(self, key: str) -> str:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def test_a_variable_unset_by_another_thread_while_secrets_are_read_is_skipped():
+    # found by a demo run: redact() raised KeyError from os.environ's items() mid-iteration
+    env = RacingEnviron({"_MLFLOW_TELEMETRY_SESSION_ID": "x" * 32,
+                         "AWS_SECRET_ACCESS_KEY": "PlantedSecretValue9"}, "_MLFLOW_TELEMETRY_SESSION_ID")
+    assert env_secrets(env) == ["PlantedSecretValue9"]
