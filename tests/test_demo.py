@@ -1,0 +1,26 @@
+"""`make demo`'s pretraining recipe is a valid `tiny` config that says what the README says (the
+stages themselves are timed by `benchmarks/demo_time.py`, not tested here: ~10 minutes)."""
+
+from __future__ import annotations
+
+from pipelines import demo
+from pipelines.config_io import load_config
+
+
+def test_the_demo_recipe_loads_as_the_tiny_preset_with_its_sets():
+    cfg = load_config("tiny", demo.pretrain_sets(demo.STEPS, "demo-x"))
+    t = cfg.train
+    assert (t.global_batch_size, t.num_workers, t.micro_batch, t.zero_stage) == (demo.BATCH, 2,
+                                                                                 demo.BATCH // 2, 2)
+    assert (t.max_steps, t.lr, t.warmup_steps) == (demo.STEPS, demo.LR, demo.STEPS // 10)
+    assert tuple(cfg.data.crop_scale) == demo.CROP_SCALE
+    assert t.checkpoint_every == t.visualize_every == demo.STEPS  # one checkpoint and picture, at the end
+    # only the pretraining changes: the model and the probes stay the preset's, as typed
+    tiny = load_config("tiny", [])
+    assert cfg.model == tiny.model and cfg.probe == tiny.probe
+
+
+def test_the_demo_s_steps_flag_moves_the_schedule_with_it():
+    cfg = load_config("tiny", demo.pretrain_sets(30, "demo-x"))
+    assert (cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.checkpoint_every) == (30, 3, 30)
+    assert demo.parse_args([]).steps == demo.STEPS
