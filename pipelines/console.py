@@ -85,3 +85,22 @@ def captured_unless_verbose() -> Iterator[None]:
         return
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+@contextlib.contextmanager
+def dropping_lines(*prefixes: str) -> Iterator[None]:
+    """A library's own stderr lines that start with one of `prefixes` dropped unless verbose;
+    whatever else it writes to stderr in the block (its warnings) is written out at the end."""
+    if verbose():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
+                if not line.startswith(prefixes)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()

@@ -1,8 +1,10 @@
-"""The console: Ray Data's own "progress bars disabled" warning only with --verbose."""
+"""The console: Ray Data's own "progress bars disabled" warning and MLflow's registration prints only
+with --verbose."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -20,3 +22,35 @@ def test_ray_datas_progress_bar_warning_shows_only_when_verbose(verbose: bool) -
     assert progress_logger.isEnabledFor(logging.WARNING) == verbose
     assert progress_logger.isEnabledFor(logging.ERROR)  # errors always reach the console
     console.configure(False)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_mlflows_registration_prints_are_dropped_and_its_warnings_kept(
+        verbose: bool, tmp_path, monkeypatch, capsys) -> None:
+    """A real registration into a sqlite store: MLflow's own "Successfully registered model" /
+    "Created version" lines only with --verbose; a warning MLflow writes meanwhile still shows."""
+    import mlflow
+    import torch
+
+    from pipelines.tracking import registry
+    from xtra_core.config import build_config
+    from xtra_core.export import save_encoder
+    from xtra_core.model import build_model
+
+    monkeypatch.setenv(console.ENV, "1" if verbose else "0")
+    cfg = build_config("tiny", None, {
+        "model.image_size": 16, "model.encoder_width": 32, "model.encoder_depth": 1,
+        "model.encoder_heads": 2, "model.projection_hidden": 32, "model.decoder_width": 32,
+        "model.decoder_depth": 1, "model.decoder_heads": 2, "model.head_hidden": 32}).model
+    torch.manual_seed(0)
+    export = save_encoder(build_model(cfg).encoder.state_dict(), cfg, tmp_path / "export")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = mlflow.MlflowClient().create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    capsys.readouterr()
+    with mlflow.start_run(experiment_id=exp), console.dropping_lines("never"):
+        info = registry.log_and_register_encoder(export, "enc")
+        print("mlflow: a warning that matters", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert info["version"] == "1" and "a warning that matters" in err
+    assert ("Successfully registered model 'enc'" in err) == verbose
+    assert ("Created version '1'" in err) == verbose

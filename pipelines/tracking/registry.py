@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import console
 from pipelines.errors import UserError
 from pipelines.redaction import redact
 from pipelines.tracking.backlog import Backlog, flush_patiently
@@ -74,6 +75,9 @@ def _xtra_core_copy(dest: Path) -> Path:
     return target
 
 
+MLFLOW_REGISTRATION_LINES = ("Successfully registered model", "Created version ")
+
+
 def log_and_register_encoder(
     export_dir: str | Path, registered_model: str, alias: str | None = None, uri: str | None = None
 ) -> dict[str, Any]:
@@ -88,7 +92,10 @@ def log_and_register_encoder(
 
     import mlflow.pyfunc
 
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+    # MLflow prints "Successfully registered model ..." / "Created version ..." on stderr itself:
+    # the product says it in its own line ("encoder registered as models:/..."); its warnings stay
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(), \
+            console.dropping_lines(*MLFLOW_REGISTRATION_LINES):
         # the signature is explicit and an input example of a real size would be megabytes of JSON
         warnings.filterwarnings("ignore", message=".*input_example", category=UserWarning)
         info = mlflow.pyfunc.log_model(
