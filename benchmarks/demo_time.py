@@ -35,15 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/xtra_demo_bench", help="demo folder (emptied first)")
     ap.add_argument("--steps", type=int, default=demo.STEPS)
-    ap.add_argument("--probe-images", type=int, default=300)
-    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--probe-images", type=int, default=demo.PROBE_IMAGES)
+    ap.add_argument("--test-images", type=int, default=demo.TEST_IMAGES)
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     shutil.rmtree(args.out, ignore_errors=True)
     console.configure(False)
     load_before = os.getloadavg()
-    r = demo.run_demo(argparse.Namespace(out=args.out, steps=args.steps, probe_images=args.probe_images,
-                                    test_images=args.test_images, verbose=False))
+    r = demo.run_demo(argparse.Namespace(out=args.out, steps=args.steps,
+                                         probe_images=args.probe_images,
+                                         test_images=args.test_images, verbose=False))
     demo.print_summary(r)
     t = r["top1"]
     margins = {k: t[f"{k}_pretrained"] - t[f"{k}_random_init"] for k in ("linear", "attentive")}

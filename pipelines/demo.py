@@ -37,6 +37,8 @@ BATCH = 32  # images per pretraining step (2 workers x 16)
 STEPS = 400
 LR = 1.5e-3
 CROP_SCALE = (0.6, 1.0)
+PROBE_IMAGES = 300  # labelled train images for the probes (10% of them val)
+TEST_IMAGES = 2000  # a seeded subsample of Fashion-MNIST's 10,000 test images
 PREPARE_LIMIT = 20_000  # Fashion-MNIST images prepared per split (train: a seeded subsample)
 
 
@@ -45,9 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_out", help="folder for data, runs and the MLflow store")
     p.add_argument("--steps", type=int, default=STEPS,
                    help=f"pretraining optimiser steps (batch {BATCH})")
-    p.add_argument("--probe-images", type=int, default=300,
+    p.add_argument("--probe-images", type=int, default=PROBE_IMAGES,
                    help="labelled train images for the probes (10%% of them for val)")
-    p.add_argument("--test-images", type=int, default=2000,
+    p.add_argument("--test-images", type=int, default=TEST_IMAGES,
                    help="test images the probes are scored on (a seeded subsample of 10,000)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output too")
     return p.parse_args(argv)

@@ -32,7 +32,7 @@ def test_mlflows_registration_prints_are_dropped_and_its_warnings_kept(
     import mlflow
     import torch
 
-    from pipelines.tracking import registry
+    from pipelines.tracking import registry, store
     from xtra_core.config import build_config
     from xtra_core.export import save_encoder
     from xtra_core.model import build_model
@@ -44,13 +44,19 @@ def test_mlflows_registration_prints_are_dropped_and_its_warnings_kept(
         "model.decoder_depth": 1, "model.decoder_heads": 2, "model.head_hidden": 32}).model
     torch.manual_seed(0)
     export = save_encoder(build_model(cfg).encoder.state_dict(), cfg, tmp_path / "export")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = mlflow.MlflowClient().create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
-    capsys.readouterr()
-    with mlflow.start_run(experiment_id=exp), console.dropping_lines("never"):
-        info = registry.log_and_register_encoder(export, "enc")
+    real_requirements = registry.model_requirements
+
+    def requirements_with_a_warning() -> list[str]:  # called inside the registration's block
         print("mlflow: a warning that matters", file=sys.stderr)
+        return real_requirements()
+
+    monkeypatch.setattr(registry, "model_requirements", requirements_with_a_warning)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = mlflow.MlflowClient(uri).create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    capsys.readouterr()
+    with store.fluent_at(uri), mlflow.start_run(experiment_id=exp):
+        info = registry.log_and_register_encoder(export, "enc", uri=uri)
     err = capsys.readouterr().err
-    assert info["version"] == "1" and "a warning that matters" in err
-    assert ("Successfully registered model 'enc'" in err) == verbose
-    assert ("Created version '1'" in err) == verbose
+    assert info["version"] == "1" and "mlflow: a warning that matters" in err, err
+    assert ("Successfully registered model 'enc'" in err) == verbose, err
+    assert ("Created version '1'" in err) == verbose, err
