@@ -1,5 +1,5 @@
 """The small pretraining run the integration tests share: a 16 px, 2-block-deep XTRA, 2 workers
-of 0.5 CPU under ZeRO-2, its runs and MLflow store under the test's tmp path."""
+of 0.5 CPU under ZeRO-2 in fp32, its runs and MLflow store under the test's tmp path."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def small_sets(tmp_path: Path, data: str, name: str, **sets) -> dict:
         "train.warmup_steps": 2,
         "train.lr": 3e-3,
         "train.log_every": 1,
+        # fp32 on every machine: the tests compare runs step by step (a resume, a killed worker, a
+        # registered encoder vs its checkpoint); `auto` would pick bf16 on a CPU with AVX512-BF16
+        # and fp32 elsewhere. test_precision_run.py sets `auto` itself.
+        "train.bf16": False,
         "train.checkpoint_every": 4,
         "train.run_name": name,
         "train.storage_path": str(tmp_path / "runs"),

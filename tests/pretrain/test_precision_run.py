@@ -24,7 +24,7 @@ def test_auto_precision_is_resolved_on_this_machine_and_stated_in_the_run_line(
     assert cli_main(["data", "prepare", "--source", "fashion-mnist", "--dest", str(data),
                      "--limit", "32"]) == 0
     cfg = make_cfg(tmp_path, str(data), "auto-precision",
-                   **{"train.max_steps": 2, "train.checkpoint_every": 2})
+                   **{"train.max_steps": 2, "train.checkpoint_every": 2, "train.bf16": "auto"})
     assert cfg.train.bf16 == "auto"
     expected = local_precision("auto", False)  # this machine's /proc/cpuinfo flags
     out = pretrain.run_pretraining(cfg)
