@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +32,26 @@ def format_seconds(s: float) -> str:
         return "?"
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class EpochLines:
+    """When a per-epoch status line is due: every `ceil(epochs / lines)`-th epoch, the last one,
+    and any epoch that ends `every_s` seconds or more after the previous line (so 40 quick epochs
+    print 10 lines, and slow ones each print theirs)."""
+
+    def __init__(self, epochs: int, lines: int = 10, every_s: float = 30.0) -> None:
+        self.epochs, self.every_s = epochs, every_s
+        self.stride = max(1, math.ceil(epochs / max(1, lines)))
+        self.last = time.perf_counter()
+
+    def due(self, epoch: int) -> bool:
+        """Whether zero-based `epoch`, just finished, gets its line (and if so, restart the clock)."""
+        now = time.perf_counter()
+        due = ((epoch + 1) % self.stride == 0 or epoch + 1 >= self.epochs
+               or now - self.last >= self.every_s)
+        if due:
+            self.last = now
+        return due
 
 
 def configure(verbose: bool) -> None:

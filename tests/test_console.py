@@ -60,3 +60,25 @@ def test_mlflows_registration_prints_are_dropped_and_its_warnings_kept(
     assert info["version"] == "1" and "mlflow: a warning that matters" in err, err
     assert ("Successfully registered model 'enc'" in err) == verbose, err
     assert ("Created version '1'" in err) == verbose, err
+
+
+def test_epoch_lines_print_a_tenth_of_quick_epochs_the_last_and_every_slow_one(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(console.time, "perf_counter", lambda: clock[0])
+    quick = console.EpochLines(40)
+    assert [e + 1 for e in range(40) if quick.due(e)] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    few = console.EpochLines(3)
+    assert [e + 1 for e in range(3) if few.due(e)] == [1, 2, 3]
+    odd = console.EpochLines(25)  # stride 3, and the last epoch though 25 is not a multiple
+    assert [e + 1 for e in range(25) if odd.due(e)] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+    slow = console.EpochLines(100, every_s=30.0)  # stride 10, but each epoch takes 31 s
+    due = []
+    for e in range(5):
+        clock[0] += 31.0
+        due.append(slow.due(e))
+    assert due == [True] * 5
+    slow_then_quick = console.EpochLines(100, every_s=30.0)
+    clock[0] += 31.0
+    assert slow_then_quick.due(0)  # 31 s since the start
+    clock[0] += 1.0
+    assert not slow_then_quick.due(1)  # the clock restarted at the last line

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.console import EpochLines
 from pipelines.data.listing import Listing
 from pipelines.probe.loading import encode_images, freeze, state_checksum
 from pipelines.probe.splits import ProbeSplits
@@ -142,6 +143,7 @@ def train_attentive(
         return _chunked(cached[name]) if cached else _eval_batches(encoder, cfg, listing)
 
     vals: list[dict[str, float]] = []
+    lines = EpochLines(p.epochs)
     for epoch in range(p.epochs):
         t0 = time.perf_counter()
         losses = []
@@ -152,9 +154,10 @@ def train_attentive(
         vals = grid.evaluate(eval_batches("val", splits.val), classes)
         best = best_index(vals, grid.lrs)
         train_loss = float(np.mean([loss[best] for loss in losses])) if losses else float("nan")
-        logger.info("attentive: epoch %d/%d: best val top-1 %.4f at lr %g (train loss %.4f, "
-                    "%.1f s)", epoch + 1, p.epochs, vals[best]["top1"], grid.lrs[best],
-                    train_loss, time.perf_counter() - t0)
+        if lines.due(epoch):
+            logger.info("attentive: epoch %d/%d: best val top-1 %.4f at lr %g (train loss %.4f, "
+                        "%.1f s)", epoch + 1, p.epochs, vals[best]["top1"], grid.lrs[best],
+                        train_loss, time.perf_counter() - t0)
     best = best_index(vals, grid.lrs)
     head = grid.heads[best]
     test = evaluate(head, eval_batches("test", splits.test), classes)

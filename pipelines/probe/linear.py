@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines.console import EpochLines
 from xtra_core.config import ProbeConfig, XTRAConfig
 from xtra_core.probes import (
     LinearProbe,
@@ -145,14 +146,16 @@ def train_adamw(
                   cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                   seed=cfg.seed, weight_decay=0.0)
     vals: list[dict[str, float]] = []
+    lines = EpochLines(cfg.epochs)
     for epoch in range(cfg.epochs):
         for x, y in batches(epoch):
             if len(y) >= 2:  # BatchNorm needs two samples
                 grid.step(x.float(), y.long())
         vals = grid.evaluate(chunks(x_val, y_val, 4096), num_classes)
         best = best_index(vals, grid.lrs)
-        logger.info("linear (adamw): epoch %d/%d: best val top-1 %.4f at lr %g", epoch + 1,
-                    cfg.epochs, vals[best]["top1"], grid.lrs[best])
+        if lines.due(epoch):
+            logger.info("linear (adamw): epoch %d/%d: best val top-1 %.4f at lr %g", epoch + 1,
+                        cfg.epochs, vals[best]["top1"], grid.lrs[best])
     best = best_index(vals, grid.lrs)
     return grid.heads[best].eval(), {
         "solver": "adamw",
