@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines import console, demo  # noqa: E402
+from xtra_core.precision import local_precision  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo_time.json"
 BUDGET_S, MARGIN = 600.0, 0.08
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_before": load_before, "load_after": os.getloadavg()},
+                    "load_before": load_before, "load_after": os.getloadavg(),
+                    # what the demo's `train.bf16: auto` resolves to on this machine
+                    "precision": local_precision("auto", False).describe()},
         "config": {"steps": args.steps, "batch": demo.BATCH, "lr": demo.LR,
                    "crop_scale": list(demo.CROP_SCALE), "probe_images": args.probe_images,
                    "test_images": args.test_images},
