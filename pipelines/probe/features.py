@@ -59,7 +59,7 @@ class EncoderInference:
         self.mean, self.std, self.tokens_last_n = tuple(mean), tuple(std), tokens_last_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.as_tensor(np.ascontiguousarray(center_crop(batch["image"], self.size)))
+        images = torch.from_numpy(np.require(center_crop(batch["image"], self.size), requirements=["C", "W"]))
         pooled, tokens = encode_pooled_and_tokens(self.encoder, images, self.tokens_last_n,
                                                   self.mean, self.std, self.bf16)
         out = {"label": batch["label"], "path": batch["path"],
