@@ -45,7 +45,7 @@ class EpochLines:
         self.last = time.perf_counter()
 
     def due(self, epoch: int) -> bool:
-        """Whether zero-based `epoch`, just finished, gets its line (and if so, restart the clock)."""
+        """Whether zero-based `epoch`, just finished, gets its line (if so, the clock restarts)."""
         now = time.perf_counter()
         due = ((epoch + 1) % self.stride == 0 or epoch + 1 >= self.epochs
                or now - self.last >= self.every_s)

@@ -59,7 +59,8 @@ class EncoderInference:
         self.mean, self.std, self.tokens_last_n = tuple(mean), tuple(std), tokens_last_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.require(center_crop(batch["image"], self.size), requirements=["C", "W"]))
+        crops = center_crop(batch["image"], self.size)  # read-only batches: copy if so
+        images = torch.from_numpy(np.require(crops, requirements=["C", "W"]))
         pooled, tokens = encode_pooled_and_tokens(self.encoder, images, self.tokens_last_n,
                                                   self.mean, self.std, self.bf16)
         out = {"label": batch["label"], "path": batch["path"],

@@ -495,9 +495,9 @@ def test_a_stream_ahead_of_its_consumer_does_not_spin_its_scheduling_loop(
         # loaded 2-core machine, at the commit that added the test too): nothing to compare with
         pytest.skip(f"Ray Data's loop without IdleBackoff ran {spinning:.0f} steps/s, not a spin "
                     f"(> {4 / IDLE_BACKOFF_S:.0f}/s): the backoff cannot be measured here")
-    # what is left: the steps in which the stream moved (blocks taken, tasks done) + a few idle ones,
-    # well under the control's rate (seen: 32 steps/s against a control of only 83/s on a fast
-    # 2-core machine, 5-20 against hundreds on loaded ones)
+    # what is left: the steps in which the stream moved (blocks taken, tasks done) + a few idle
+    # ones, well under the control's rate (seen: 32 steps/s against a control of only 83/s on a
+    # fast 2-core machine, 5-20 against hundreds on loaded ones)
     assert waiting < 2 / IDLE_BACKOFF_S and waiting < spinning / 2, (waiting, spinning)
 
 
