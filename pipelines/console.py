@@ -34,12 +34,15 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+PROGRESS_EVERY_S = 30.0  # a status line at least this often during long work
+
+
 class EpochLines:
     """When a per-epoch status line is due: every `ceil(epochs / lines)`-th epoch, the last one,
     and any epoch that ends `every_s` seconds or more after the previous line (so 40 quick epochs
     print 10 lines, and slow ones each print theirs)."""
 
-    def __init__(self, epochs: int, lines: int = 10, every_s: float = 30.0) -> None:
+    def __init__(self, epochs: int, lines: int = 10, every_s: float = PROGRESS_EVERY_S) -> None:
         self.epochs, self.every_s = epochs, every_s
         self.stride = max(1, math.ceil(epochs / max(1, lines)))
         self.last = time.perf_counter()

@@ -64,8 +64,7 @@ def _eval_batches(
     device = next(encoder.parameters()).device
     size = cfg.model.image_size
     for b in eval_stream(cfg, listing).iter_batches(batch_size=ENCODE_CHUNK, batch_format="numpy"):
-        crops = center_crop(b["image"], size)  # Ray Data batches are read-only: copy if so
-        images = torch.from_numpy(np.require(crops, requirements=["C", "W"]))
+        images = torch.from_numpy(center_crop(b["image"], size))
         yield _encode(encoder, images, cfg), torch.tensor(b["label"], dtype=torch.int64).to(device)
 
 

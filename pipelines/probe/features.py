@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.console import format_seconds
+from pipelines.console import PROGRESS_EVERY_S, format_seconds
 from pipelines.data.listing import Listing
 from pipelines.errors import UserError
 from pipelines.probe.loading import encode_pooled_and_tokens, freeze
@@ -26,7 +26,6 @@ from xtra_core.model import Encoder
 from xtra_core.precision import local_precision
 
 logger = logging.getLogger("xtra.probe")
-PROGRESS_EVERY_S = 30.0  # a status line this often while features are extracted
 
 
 class EncoderInference:
@@ -59,8 +58,7 @@ class EncoderInference:
         self.mean, self.std, self.tokens_last_n = tuple(mean), tuple(std), tokens_last_n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        crops = center_crop(batch["image"], self.size)  # read-only batches: copy if so
-        images = torch.from_numpy(np.require(crops, requirements=["C", "W"]))
+        images = torch.from_numpy(center_crop(batch["image"], self.size))
         pooled, tokens = encode_pooled_and_tokens(self.encoder, images, self.tokens_last_n,
                                                   self.mean, self.std, self.bf16)
         out = {"label": batch["label"], "path": batch["path"],

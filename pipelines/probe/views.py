@@ -56,10 +56,12 @@ def _stream(cfg: XTRAConfig, listing: Listing, epoch: int, train: bool) -> Any:
 
 
 def center_crop(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [B, R, R, 3] -> the centred [B, size, size, 3] (torchvision's CenterCrop offsets)."""
+    """uint8 [B, R, R, 3] -> the centred [B, size, size, 3] (torchvision's CenterCrop offsets),
+    contiguous and writable, ready for `torch.from_numpy` (Ray Data's batches are read-only: they
+    are copied only then, or when the crop is not contiguous)."""
     r_h, r_w = images.shape[1:3]
     top, left = int(round((r_h - size) / 2.0)), int(round((r_w - size) / 2.0))
-    return images[:, top : top + size, left : left + size]
+    return np.require(images[:, top : top + size, left : left + size], requirements=["C", "W"])
 
 
 def eval_stream(cfg: XTRAConfig, listing: Listing) -> Any:

@@ -110,3 +110,20 @@ def test_center_crop_takes_the_middle():
     out = center_crop(images, 6)
     assert out.shape == (2, 6, 6, 3)
     np.testing.assert_array_equal(out, images[:, 2:8, 2:8])
+
+
+def test_center_crop_of_a_read_only_batch_is_a_writable_array_torch_takes_without_a_warning():
+    import warnings
+
+    import torch
+
+    images = np.arange(2 * 10 * 10 * 3, dtype=np.uint8).reshape(2, 10, 10, 3)
+    images.setflags(write=False)  # as Ray Data hands batches to map_batches / iter_batches
+    out = center_crop(images, 6)
+    assert out.flags.writeable and out.flags.c_contiguous
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable"
+        tensor = torch.from_numpy(out)
+    np.testing.assert_array_equal(tensor.numpy(), images[:, 2:8, 2:8])
+    whole = np.zeros((1, 6, 6, 3), np.uint8)  # already the size, writable: no copy
+    assert np.shares_memory(center_crop(whole, 6), whole)
