@@ -129,3 +129,18 @@ def dropping_lines(*prefixes: str) -> Iterator[None]:
         if kept:
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def quiet_logger(logger: logging.Logger) -> Iterator[None]:
+    """`logger`'s info lines held back in the block unless verbose (a probe's later draws print
+    one summary line each instead of their per-step lines); warnings still show."""
+    if verbose():
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

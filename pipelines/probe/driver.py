@@ -27,10 +27,13 @@ Progress lines ("weight decay k/n", "epoch k/n" with the best val score so far) 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from pipelines import console
 from pipelines.errors import UserError
@@ -44,7 +47,13 @@ from pipelines.probe.loading import (  # noqa: F401  (the probe's public names, 
     random_encoder,
     state_checksum,
 )
-from pipelines.probe.splits import ProbeSplits, check_labels, probe_data_config, split_listings  # noqa: F401
+from pipelines.probe.splits import (  # noqa: F401
+    ProbeSplits,
+    check_labels,
+    probe_data_config,
+    split_draws,
+    split_listings,
+)
 from pipelines.tracking import store
 from pipelines.tracking.probe_scores import log_scores
 from xtra_core.config import XTRAConfig
@@ -66,6 +75,44 @@ def check_probe_config(cfg: XTRAConfig, kinds: Sequence[str], depth: int) -> Non
                         f"size {cfg.model.image_size}: the centre crop would not fit")
 
 
+def probe_kind(
+    cfg: XTRAConfig, kind: str, splits: ProbeSplits, encoder: Any,
+    cached: tuple[dict[str, Any], dict[str, Any]], shared: bool,
+) -> dict[str, Any]:
+    """One probe of one draw: `cached` holds the draw's (features, tokens) of the feature pass."""
+    features, tokens = cached
+    if kind == "linear":
+        return linear_probe(cfg.probe, features, splits.num_classes,
+                            augmented_batches(cfg, splits, encoder)
+                            if cfg.probe.linear_solver == "adamw" else None)
+    return attentive_probe(cfg, splits, encoder, tokens if shared else None)
+
+
+def choice_of(r: dict[str, Any]) -> str:
+    """The hyperparameter the probe chose on val, in words."""
+    if r.get("solver") == "lbfgs":
+        return f"weight decay {r['best_weight_decay']:g}"
+    return f"lr {r['best_lr']:g}"
+
+
+def mean_of_draws(per_draw: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for the draws of a probe: the mean scores, `top1_std` (sample std) and every
+    draw's score and choice; the choice made most often stands as `best_lr` / `best_weight_decay`."""
+    if len(per_draw) == 1:
+        return per_draw[0]
+    out = dict(per_draw[0])
+    for key in ("top1", "top5", "val_top1", "val_top5"):
+        values = [r.get(key) for r in per_draw]
+        out[key] = None if None in values else float(np.mean(values))
+    top1 = [r["top1"] for r in per_draw]
+    out.update(draws=len(per_draw), top1_std=float(np.std(top1, ddof=1)), top1_by_draw=top1)
+    for key in ("best_lr", "best_weight_decay"):
+        chosen = [r.get(key) for r in per_draw]
+        out[f"{key}_by_draw"] = chosen
+        out[key] = max(chosen, key=chosen.count)
+    return out
+
+
 def probe(
     cfg: XTRAConfig, model_ref: str | None, kinds: Sequence[str], random_init: bool = False,
     run_id: str | None = None,
@@ -79,38 +126,43 @@ def probe(
     encoder, model_cfg, info = load_frozen_encoder(cfg, model_ref, random_init, uri)
     pcfg = probe_data_config(cfg, model_cfg)
     check_probe_config(pcfg, kinds, len(encoder.blocks))
-    splits = split_listings(pcfg)
+    draws = split_draws(pcfg)
+    splits = draws[0]
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     console.quiet_ray_data()  # the probe prints its own progress lines
-    logger.info("probing %s (random_init=%s): %d train, %d val, %d test images, %d classes",
+    logger.info("probing %s (random_init=%s): %d train, %d val, %d test images, %d classes%s",
                 info.get("source"), random_init, len(splits.train), len(splits.val),
-                len(splits.test), splits.num_classes)
+                len(splits.test), splits.num_classes,
+                f", {len(draws)} seeded draws of train and val" if len(draws) > 1 else "")
     checksum = state_checksum(encoder)
     results = []
     # one feature pass for both probes when the attentive probe reads the eval views too
     shared = {"linear", "attentive"} <= set(kinds) and pcfg.probe.attentive_features == "cached"
-    features, tokens = None, None
+    cached: list[Any] | None = None  # per draw: (features, tokens)
     for kind in kinds:
         t0 = time.perf_counter()
-        if features is None and (kind == "linear" or shared):
-            features, tokens = extract_shared_features(
-                pcfg, splits, ray.put(encoder.state_dict()),
-                pcfg.probe.attentive_last_n if shared else 0)
+        if cached is None and (kind == "linear" or shared):
+            cached = extract_shared_features(pcfg, draws, ray.put(encoder.state_dict()),
+                                             pcfg.probe.attentive_last_n if shared else 0)
             logger.info("%s: cached features of %d images in %.1f s",
                         "linear + attentive" if shared else "linear",
-                        sum(len(v[1]) for v in features.values()), time.perf_counter() - t0)
-        if kind == "linear":
-            r = linear_probe(pcfg.probe, features, splits.num_classes,
-                             augmented_batches(pcfg, splits, encoder)
-                             if pcfg.probe.linear_solver == "adamw" else None)
-            choice = f"weight decay {r['best_weight_decay']:g}" if r["solver"] == "lbfgs" \
-                else f"lr {r['best_lr']:g}"
-        else:
-            r = attentive_probe(pcfg, splits, encoder, tokens if shared else None)
-            choice = f"lr {r['best_lr']:g}"
-        logger.info("%s: best %s, val top-1 %.4f, test top-1 %.4f (%.1f s)", kind, choice,
-                    r["val_top1"], r["top1"], time.perf_counter() - t0)
+                        len({p for s in draws for lst in (s.train, s.val, s.test)
+                             for p in lst.table.column("path").to_pylist()}),
+                        time.perf_counter() - t0)
+        per_draw = []
+        for k, splits in enumerate(draws):
+            with console.quiet_logger(logger) if k else contextlib.nullcontext():
+                per_draw.append(probe_kind(pcfg, kind, splits, encoder,
+                                           cached[k] if cached else ({}, {}), shared))
+            if len(draws) > 1:
+                logger.info("%s: draw %d/%d: %s, val top-1 %.4f, test top-1 %.4f", kind, k + 1,
+                            len(draws), choice_of(per_draw[-1]), per_draw[-1]["val_top1"],
+                            per_draw[-1]["top1"])
+        r = mean_of_draws(per_draw)
+        spread = f" (std {r['top1_std']:.4f} over {len(draws)} draws)" if len(draws) > 1 else ""
+        logger.info("%s: best %s, val top-1 %.4f, test top-1 %.4f%s (%.1f s)", kind, choice_of(r),
+                    r["val_top1"], r["top1"], spread, time.perf_counter() - t0)
         r.update(random_init=random_init, model=info.get("source"))
         results.append(r)
     if state_checksum(encoder) != checksum:

@@ -79,7 +79,11 @@ def _inference(
     import ray
 
     base = listings[0]
-    both = dataclasses.replace(base, table=pa.concat_tables([lst.table for lst in listings]))
+    table = pa.concat_tables([lst.table for lst in listings])
+    _, first = np.unique(table.column("path").to_numpy(zero_copy_only=False), return_index=True)
+    if len(first) < table.num_rows:  # draws that share images: each is encoded once
+        table = table.take(np.sort(first))
+    both = dataclasses.replace(base, table=table)
     from pipelines.pretrain.resources import cpus_to_grow_to
 
     cpus = int(cpus_to_grow_to())  # an autoscaling cluster may start at zero CPUs
@@ -100,7 +104,7 @@ def _inference(
         num_cpus=1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    total = sum(lst.table.num_rows for lst in listings)
+    total = table.num_rows
     parts: dict[str, list[np.ndarray]] = {}
     done, t0, shown = 0, time.perf_counter(), time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -131,17 +135,22 @@ def extract_features(
     cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One batch-inference pass: {"train"|"val"|"test": (features [n, D] float32, labels [n])}."""
-    return extract_shared_features(cfg, splits, encoder_ref, 0)[0]
+    return extract_shared_features(cfg, [splits], encoder_ref, 0)[0][0]
 
 
 def extract_shared_features(
-    cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any, tokens_last_n: int
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """One batch-inference pass for both probes: (linear features {split: ([n, D], labels)},
-    attentive tokens {split: ([n, N, D], labels)}, empty when `tokens_last_n` is 0)."""
-    listings = {"train": splits.train, "val": splits.val, "test": splits.test}
-    out = _inference(cfg, list(listings.values()), encoder_ref, tokens_last_n)
-    features = {name: rows_for(lst, out, "features") for name, lst in listings.items()}
-    tokens = ({name: rows_for(lst, out, "tokens") for name, lst in listings.items()}
-              if tokens_last_n else {})
-    return features, tokens
+    cfg: XTRAConfig, draws: Sequence[ProbeSplits], encoder_ref: Any, tokens_last_n: int
+) -> list[tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    """One batch-inference pass over every draw's images, for both probes: per draw, (linear
+    features {split: ([n, D], labels)}, attentive tokens {split: ([n, N, D], labels)}, empty when
+    `tokens_last_n` is 0)."""
+    listings = [lst for s in draws for lst in (s.train, s.val)] + [draws[0].test]
+    out = _inference(cfg, listings, encoder_ref, tokens_last_n)
+    keys = ("features", "tokens") if tokens_last_n else ("features",)
+    test = {key: rows_for(draws[0].test, out, key) for key in keys}  # one copy for every draw
+    result = []
+    for s in draws:
+        picked = {key: {"train": rows_for(s.train, out, key), "val": rows_for(s.val, out, key),
+                        "test": test[key]} for key in keys}
+        result.append((picked["features"], picked.get("tokens", {})))
+    return result

@@ -11,8 +11,8 @@ from typing import Any
 from pipelines.tracking.store import client, experiment_id
 from xtra_core.config import XTRAConfig
 
-METRIC_KEYS = ("top1", "top5", "best_lr", "best_weight_decay", "val_top1")
-TAG_KEYS = ("top1", "top5", "best_lr", "best_weight_decay")
+METRIC_KEYS = ("top1", "top5", "best_lr", "best_weight_decay", "val_top1", "top1_std", "draws")
+TAG_KEYS = ("top1", "top5", "best_lr", "best_weight_decay", "top1_std")
 
 
 def log_scores(

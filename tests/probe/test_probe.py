@@ -19,7 +19,9 @@ from pipelines.probe.driver import (
     check_labels,
     encode_images,
     freeze,
+    mean_of_draws,
     random_encoder,
+    split_draws,
     split_listings,
     state_checksum,
 )
@@ -134,6 +136,41 @@ def test_attentive_pooling_shapes():
     assert LinearProbe(48, 7)(x.mean(1)).shape == (5, 7)  # cached, already pooled features
     with pytest.raises(ValueError, match="not divisible"):
         AttentiveProbe(48, 7, heads=5)
+
+
+def textbook_pool(probe: AttentiveProbe, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """AIM's attention pooling as written: K and V projections of every token, then SDPA."""
+    b, n, d = tokens.shape
+    x = probe.normalize(tokens, padding)
+    h, dh = probe.heads, d // probe.heads
+    q = probe.query.expand(b, 1, d).reshape(b, 1, h, dh).transpose(1, 2)
+    k = probe.k(x).reshape(b, n, h, dh).transpose(1, 2)
+    v = probe.v(x).reshape(b, n, h, dh).transpose(1, 2)
+    mask = None if padding is None else ~padding[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, d)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_folded_attentive_pooling_equals_the_textbook_form_with_its_gradients(padded: bool):
+    torch.manual_seed(0)
+    probe = AttentiveProbe(48, 5, heads=6).double()
+    with torch.no_grad():  # an informative query and keys: the trunc-normal init is near uniform
+        for w in (probe.query, probe.k.weight, probe.v.weight):
+            w.normal_()
+    tokens = torch.randn(4, 9, 48, dtype=torch.float64)
+    padding = (torch.arange(9)[None, :] >= torch.tensor([9, 5, 2, 7])[:, None]) if padded else None
+    grads = []
+    for pool in (probe.pool, lambda t, p: textbook_pool(probe, t, p)):
+        probe.zero_grad()
+        out = pool(tokens, padding)
+        (out * torch.linspace(-1, 1, 48, dtype=torch.float64)).sum().backward()
+        grads.append((out.detach(), [w.grad.clone() for w in (probe.query, probe.k.weight, probe.v.weight)]))
+    (folded, g_folded), (textbook, g_textbook) = grads
+    assert torch.allclose(folded, textbook, rtol=1e-10, atol=1e-12)
+    assert folded.std() > 0.1  # not a degenerate pooling
+    for a, b in zip(g_folded, g_textbook):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12) and b.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
@@ -311,6 +348,42 @@ def test_val_split_is_seeded_carved_from_train_and_never_test(tmp_path):
     assert set(other.val.table.column("path").to_pylist()) != val
 
 
+def paths_of(listing) -> set[str]:
+    return set(listing.table.column("path").to_pylist())
+
+
+def test_draws_are_seeded_subsamples_of_train_over_one_test_split_and_draw_0_is_the_single_draw(tmp_path):
+    root = make_color_dataset(tmp_path / "d", n_train=10, n_test=4, classes=3)  # 30 train images
+    sets = {"max_train_images": 12, "val_fraction": 0.25, "max_test_images": 8}
+    single = split_listings(data_cfg(root, **sets))
+    draws = split_draws(data_cfg(root, draws=3, **sets))
+    assert len(draws) == 3
+    assert paths_of(draws[0].train) == paths_of(single.train) and paths_of(draws[0].val) == paths_of(single.val)
+    seen = []
+    for d in draws:
+        train, val = paths_of(d.train), paths_of(d.val)
+        assert (len(train), len(val)) == (9, 3) and not train & val
+        assert paths_of(d.test) == paths_of(single.test)  # the same 8 test images for every draw
+        seen.append(train | val)
+    assert len({frozenset(s) for s in seen}) == 3  # three different draws of 12 from 30
+    again = split_draws(data_cfg(root, draws=3, **sets))
+    assert [paths_of(d.val) for d in again] == [paths_of(d.val) for d in draws]  # seeded
+    with pytest.raises(ConfigError, match="probe.draws"):
+        data_cfg(root, draws=0)
+
+
+def test_mean_of_draws_averages_scores_and_keeps_every_draw():
+    records = [{"kind": "linear", "solver": "lbfgs", "top1": t, "top5": 0.9, "val_top1": v,
+                "val_top5": None, "best_lr": None, "best_weight_decay": w}
+               for t, v, w in ((0.60, 0.5, 0.1), (0.66, 0.7, 0.01), (0.63, 0.6, 0.1))]
+    r = mean_of_draws(records)
+    assert r["top1"] == pytest.approx(0.63) and r["val_top1"] == pytest.approx(0.6)
+    assert r["top1_std"] == pytest.approx(0.03) and r["top1_by_draw"] == [0.60, 0.66, 0.63]
+    assert r["val_top5"] is None and r["draws"] == 3
+    assert r["best_weight_decay"] == 0.1 and r["best_weight_decay_by_draw"] == [0.1, 0.01, 0.1]
+    assert mean_of_draws(records[:1]) is records[0]  # one draw: the record as it was
+
+
 def test_max_test_images_is_a_seeded_subsample_of_test(tmp_path):
     root = make_color_dataset(tmp_path / "d", n_train=4, n_test=5, classes=3)  # 15 test images
 
@@ -411,6 +484,55 @@ def test_attentive_probe_on_cached_features_encodes_the_train_images_once(
     # one colour per class: learnt from the clean views; RandAugment recolours a third of the
     # augmented ones, so 3 epochs there only beat chance (1/6) well
     assert out["top1"] >= (0.9 if features == "cached" else 0.4), out
+
+
+@pytest.mark.slow
+def test_probe_draws_share_one_feature_pass_and_their_mean_lands_in_mlflow(
+    tmp_path, ray_cluster, monkeypatch, caplog
+):
+    import logging
+
+    from mlflow import MlflowClient
+
+    from pipelines.probe import features
+    from pipelines.probe.driver import probe
+
+    caplog.set_level(logging.INFO, logger="xtra.probe")
+    root = make_color_dataset(tmp_path / "colors", n_train=10, n_test=2)  # 60 train, 12 test
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    dotted = {f"model.{k}": v for k, v in vars(small_model_cfg()).items()}
+    cfg = build_config("tiny", None, {
+        **dotted, "data.uri": str(root), "mlflow.tracking_uri": db, "probe.epochs": 2,
+        "probe.lrs": [0.03], "probe.batch_size": 8, "probe.max_train_images": 16,
+        "probe.draws": 3, "probe.attentive_last_n": 2, "probe.linear_weight_decays": [0.01],
+    })
+    passes: list[int] = []
+    real = features._inference
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        passes.append(len(out["label"]))
+        return out
+
+    monkeypatch.setattr(features, "_inference", counting)
+    results = probe(cfg, None, ["linear", "attentive"], random_init=True)
+    draws = split_draws(cfg)
+    distinct = set().union(*(paths_of(d.train) | paths_of(d.val) for d in draws))
+    assert passes == [len(distinct) + 12]  # one pass, every image once, for both kinds and all draws
+    assert 16 < len(distinct) <= 48
+    for r in results:
+        assert r["draws"] == 3 and len(r["top1_by_draw"]) == 3
+        assert r["top1"] == pytest.approx(np.mean(r["top1_by_draw"]))
+        assert r["top1_std"] == pytest.approx(np.std(r["top1_by_draw"], ddof=1))
+        assert (r["n_train"], r["n_val"]) == (14, 2)
+    assert "linear: draw 3/3" in caplog.text and "attentive: draw 3/3" in caplog.text
+    # the first draw prints its per-step lines, the later ones only their summary line
+    assert caplog.text.count("linear: weight decay 1/1") == 1
+    run = MlflowClient(db).get_run(results[0]["mlflow_run_id"])
+    for r in results:
+        assert run.data.metrics[f"probe_random/{r['kind']}/top1"] == pytest.approx(r["top1"])
+        assert run.data.metrics[f"probe_random/{r['kind']}/top1_std"] == pytest.approx(r["top1_std"])
+        assert run.data.metrics[f"probe_random/{r['kind']}/draws"] == 3
 
 
 @pytest.mark.slow

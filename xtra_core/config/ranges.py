@@ -141,6 +141,7 @@ RANGES: dict[str, Range] = {
     "probe.batch_size": Range(ge=2),  # the probes' BatchNorm needs two samples
     "probe.max_train_images": _AT_LEAST_1,
     "probe.max_test_images": _AT_LEAST_1,
+    "probe.draws": _AT_LEAST_1,
     "probe.val_fraction": Range(gt=0.0, lt=1.0),
     "probe.random_erasing": _UNIT,
     "probe.attentive_last_n": _AT_LEAST_1,

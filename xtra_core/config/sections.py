@@ -258,6 +258,10 @@ class ProbeConfig:
     batch_size: int = 128
     max_train_images: int | None = None  # a seeded subsample of train
     max_test_images: int | None = None  # a seeded subsample of test (None: the whole split)
+    # seeded draws of the train subsample and its val split, each probed; the scores are their
+    # mean (std and every draw's score beside): a few-shot probe of hundreds of images moves by
+    # points from one draw to the next
+    draws: int = 1
     val_fraction: float = 0.1  # carved out of train, never the test split
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
@@ -290,7 +294,7 @@ class ProbeConfig:
                               "be a non-empty list of values >= 0")
         if not self.linear_tolerance > 0:
             raise ConfigError(f"probe.linear_tolerance={self.linear_tolerance} must be > 0")
-        _check_ranges("probe", self, "val_fraction", "random_erasing")
+        _check_ranges("probe", self, "val_fraction", "random_erasing", "draws")
         # probe.rand_augment (timm's spec) is read by pipelines.data.probe_augment, and checked
         # with every CLI command's values (pipelines.config_validation)
 
