@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/xtra_demo_bench", help="demo folder (emptied first)")
     ap.add_argument("--steps", type=int, default=demo.STEPS)
     ap.add_argument("--probe-images", type=int, default=demo.PROBE_IMAGES)
+    ap.add_argument("--probe-draws", type=int, default=demo.PROBE_DRAWS)
     ap.add_argument("--test-images", type=int, default=demo.TEST_IMAGES)
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     r = demo.run_demo(argparse.Namespace(out=args.out, steps=args.steps,
                                          probe_images=args.probe_images,
+                                         probe_draws=args.probe_draws,
                                          test_images=args.test_images, verbose=False))
     demo.print_summary(r)
     t = r["top1"]
@@ -57,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                     "precision": local_precision("auto", False).describe()},
         "config": {"steps": args.steps, "batch": demo.BATCH, "lr": demo.LR,
                    "crop_scale": list(demo.CROP_SCALE), "probe_images": args.probe_images,
-                   "test_images": args.test_images},
-        "stages_s": r["stages"], "total_s": r["total_s"], "top1": t, "top5": r["top5"],
+                   "probe_draws": args.probe_draws, "test_images": args.test_images},
+        "stages_s": r["stages"], "total_s": r["total_s"], "top1": t, "top1_std": r["top1_std"],
+        "top5": r["top5"],
         "margins": margins,
         "goals": {"total_le_600_s": r["total_s"] <= BUDGET_S,
                   "margin_ge_8_points_both": all(m >= MARGIN for m in margins.values())},

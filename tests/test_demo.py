@@ -24,3 +24,18 @@ def test_the_demo_s_steps_flag_moves_the_schedule_with_it():
     cfg = load_config("tiny", demo.pretrain_sets(30, "demo-x"))
     assert (cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.checkpoint_every) == (30, 3, 30)
     assert demo.parse_args([]).steps == demo.STEPS
+
+
+def test_the_summary_shows_the_mean_over_draws_with_its_std(capsys):
+    top1 = {"linear_pretrained": 0.64, "linear_random_init": 0.52, "attentive_pretrained": 0.65,
+            "attentive_random_init": 0.56}
+    r = {"top1": top1, "top5": dict.fromkeys(top1, 0.97), "top1_std": dict.fromkeys(top1, 0.02),
+         "probe_draws": 5, "probe_images": 300, "test_images": 2000, "stages": {"pretrain": 1.0},
+         "total_s": 1.0, "run_id": "r", "model_uri": "models:/m/1", "tracking_uri": "sqlite:///x",
+         "data": "d", "checkpoints": "c"}
+    demo.print_summary(r)
+    out = capsys.readouterr().out
+    assert "300 labelled images (5 seeded draws: mean ± std over them), 2000 test images" in out
+    assert "| linear | 0.640 ± 0.020 | 0.520 ± 0.020 | +12.0 points |" in out
+    assert "| attentive | 0.650 ± 0.020 | 0.560 ± 0.020 | +9.0 points |" in out
+    assert demo.parse_args([]).probe_draws == demo.PROBE_DRAWS == 5
