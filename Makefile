@@ -11,7 +11,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 venv: $(STAMP) sysdeps
 
-# Debian's Fashion-MNIST (demo + tests) and the compiler DeepSpeed's CPU comm op needs.
+# Debian's Fashion-MNIST (demo + tests) and the C++ toolchain (torch.compile on CPU, DeepSpeed's JIT ops).
 sysdeps:
 	@test -f $(FMNIST) && command -v g++ >/dev/null && command -v ninja >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist g++ ninja-build; }

@@ -78,6 +78,16 @@ def lr_lambda(cfg: XTRAConfig, total_steps: int, steps_per_epoch: int) -> Callab
     return f
 
 
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's communication backend compiles (~40 s with g++ and ninja, on the first run on
+    a machine) or loads a shared-memory all-reduce op when it starts on a CPU; only its inference
+    all-reduce (AutoTP) calls that op, and training's collectives go through torch.distributed.
+    Marked incompatible, the op is neither built nor loaded."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: XTRAConfig, plan: RunPlan) -> tuple[Any, Any]:
     """XTRA under DeepSpeed (ZeRO `train.zero_stage`, bf16 per `train.bf16`, `torch.compile` if
     `model.compile`) with fused AdamW and the warmup + cosine schedule: (engine, LR scheduler).
@@ -86,6 +96,7 @@ def build_engine(cfg: XTRAConfig, plan: RunPlan) -> tuple[Any, Any]:
     one process). Every rank builds the same initial weights (seeded by `train.seed`)."""
     import deepspeed
 
+    skip_inference_comm_op()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     optimizer = adamw(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)

@@ -114,7 +114,7 @@ def test_zero_memory_model_is_the_zero_paper_table():
     assert zero_memory.memory_model(psi, n, 3, bf16=False)["state"] == 20 * psi / n
 
 
-@pytest.mark.slow  # spawns 2 DeepSpeed ranks twice (~1 min; the CPU comm op builds on first use)
+@pytest.mark.slow  # spawns 2 DeepSpeed ranks twice (~1 min)
 def test_zero_memory_smoke_stage3_shards_the_state(tmp_path):
     zero_memory.main(["--smoke", "--precision", "bf16", "--stages", "0", "3",
                       "--results-dir", str(tmp_path)])

@@ -122,7 +122,7 @@ def one_process_group():
     end_process_group()
 
 
-@pytest.mark.slow  # a real DeepSpeed engine (~10 s to build, more on first use of the comm op)
+@pytest.mark.slow  # a real DeepSpeed engine (~10 s to build)
 def test_loss_is_read_back_only_on_report_steps(one_process_group, tmp_path):
     cfg = build_config("tiny", None, {
         **SMALL_MODEL, "train.num_workers": 1, "train.global_batch_size": 8,
@@ -131,6 +131,9 @@ def test_loss_is_read_back_only_on_report_steps(one_process_group, tmp_path):
     })
     plan = RunPlan(total_steps=7, steps_per_epoch=7, rows_per_epoch=56, start_step=0, stop_step=7)
     engine, scheduler = trainer.build_engine(cfg, plan)
+    from deepspeed.comm import comm as ds_comm
+
+    assert ds_comm.cdb.shm_comm_op is None  # DeepSpeed's inference-only CPU op: neither built nor loaded
     g = torch.Generator().manual_seed(0)
     micro_batches = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2 * 7 + 3)]
     reports: list[tuple[dict, list[str] | None]] = []
