@@ -143,12 +143,10 @@ def probe(
     for kind in kinds:
         t0 = time.perf_counter()
         if cached is None and (kind == "linear" or shared):
-            cached = extract_shared_features(pcfg, draws, ray.put(encoder.state_dict()),
-                                             pcfg.probe.attentive_last_n if shared else 0)
+            cached, encoded = extract_shared_features(pcfg, draws, ray.put(encoder.state_dict()),
+                                                      pcfg.probe.attentive_last_n if shared else 0)
             logger.info("%s: cached features of %d images in %.1f s",
-                        "linear + attentive" if shared else "linear",
-                        len({p for s in draws for lst in (s.train, s.val, s.test)
-                             for p in lst.table.column("path").to_pylist()}),
+                        "linear + attentive" if shared else "linear", encoded,
                         time.perf_counter() - t0)
         per_draw = []
         for k, splits in enumerate(draws):

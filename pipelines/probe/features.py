@@ -135,15 +135,15 @@ def extract_features(
     cfg: XTRAConfig, splits: ProbeSplits, encoder_ref: Any
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One batch-inference pass: {"train"|"val"|"test": (features [n, D] float32, labels [n])}."""
-    return extract_shared_features(cfg, [splits], encoder_ref, 0)[0][0]
+    return extract_shared_features(cfg, [splits], encoder_ref, 0)[0][0][0]
 
 
 def extract_shared_features(
     cfg: XTRAConfig, draws: Sequence[ProbeSplits], encoder_ref: Any, tokens_last_n: int
-) -> list[tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]]:
-    """One batch-inference pass over every draw's images, for both probes: per draw, (linear
+) -> tuple[list[tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray]]]], int]:
+    """One batch-inference pass over every draw's images, for both probes: (per draw, (linear
     features {split: ([n, D], labels)}, attentive tokens {split: ([n, N, D], labels)}, empty when
-    `tokens_last_n` is 0)."""
+    `tokens_last_n` is 0); the number of images encoded)."""
     listings = [lst for s in draws for lst in (s.train, s.val)] + [draws[0].test]
     out = _inference(cfg, listings, encoder_ref, tokens_last_n)
     keys = ("features", "tokens") if tokens_last_n else ("features",)
@@ -153,4 +153,4 @@ def extract_shared_features(
         picked = {key: {"train": rows_for(s.train, out, key), "val": rows_for(s.val, out, key),
                         "test": test[key]} for key in keys}
         result.append((picked["features"], picked.get("tokens", {})))
-    return result
+    return result, len(out["label"])

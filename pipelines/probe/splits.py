@@ -76,10 +76,9 @@ def split_draws(cfg: XTRAConfig) -> list[ProbeSplits]:
     if p.max_test_images is not None and p.max_test_images < len(test):
         rng = np.random.default_rng([p.seed, 3])
         test = _subset(test, np.sort(rng.choice(len(test), size=p.max_test_images, replace=False)))
-    out = []
+    out, n = [], len(train)
     for draw in range(p.draws):
         key = [] if draw == 0 else [draw]  # draw 0 keeps the seeds of a single-draw probe
-        n = len(train)
         rows = np.arange(n)
         if p.max_train_images is not None and p.max_train_images < n:
             rng = np.random.default_rng([p.seed, 1, *key])

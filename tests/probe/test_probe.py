@@ -525,6 +525,7 @@ def test_probe_draws_share_one_feature_pass_and_their_mean_lands_in_mlflow(
         assert r["top1"] == pytest.approx(np.mean(r["top1_by_draw"]))
         assert r["top1_std"] == pytest.approx(np.std(r["top1_by_draw"], ddof=1))
         assert (r["n_train"], r["n_val"]) == (14, 2)
+    assert f"linear + attentive: cached features of {len(distinct) + 12} images" in caplog.text
     assert "linear: draw 3/3" in caplog.text and "attentive: draw 3/3" in caplog.text
     # the first draw prints its per-step lines, the later ones only their summary line
     assert caplog.text.count("linear: weight decay 1/1") == 1
