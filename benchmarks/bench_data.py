@@ -2,7 +2,8 @@
 otherwise write, and Ray Data vs a DataLoader running the product's transform, side by side.
 
 Loader variants (each reads the same files and draws the same crop boxes and flips: the product's
-`file_rng(seed, epoch, path)` and `random_resized_crop_params`, epochs in `epoch_order`):
+`file_rng(seed, epoch, draw_key(path, root))` and `random_resized_crop_params`, epochs in
+`epoch_order`):
 - `DataLoader, PIL recipe`: what users would otherwise write, torchvision's ImageNet recipe on PIL
   (torchvision does not import here, so its steps are spelt out in `PilRecipe`): full decode
   (`Image.open().convert("RGB")`), RandomResizedCrop (crop, then bicubic resize, as the reference
@@ -67,6 +68,7 @@ from benchmarks.gpu_h200 import train_flops_per_image
 from pipelines.data.images import (
     ImageSource,
     dct_reduction,
+    draw_key,
     file_rng,
     random_resized_crop_params,
     resize,
@@ -211,8 +213,8 @@ class EpochSampler(Sampler):
 
 
 class FileDataset(Dataset):
-    def __init__(self, paths: list[str], seed: int, transform: Callable) -> None:
-        self.paths, self.seed, self.transform = paths, seed, transform
+    def __init__(self, paths: list[str], root: str, seed: int, transform: Callable) -> None:
+        self.paths, self.root, self.seed, self.transform = paths, root, seed, transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -222,7 +224,7 @@ class FileDataset(Dataset):
         path = self.paths[row]
         with open(path, "rb") as f:
             data = f.read()
-        return {"image": self.transform(data, file_rng(self.seed, epoch, path))}
+        return {"image": self.transform(data, file_rng(self.seed, epoch, draw_key(path, self.root)))}
 
 
 def tree_cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -274,7 +276,7 @@ def loader_streams(cfg: XTRAConfig, cores: int, batch: int) -> dict[str, Callabl
     streams: dict[str, Callable[[int, int], int]] = {}
     for name, transform in ((RECIPE, PilRecipe(cfg)), (PRODUCT_DL, partial(product_transform, cfg))):
         sampler = EpochSampler(len(paths), seed)
-        loader = DataLoader(FileDataset(paths, seed, transform), batch_size=batch, sampler=sampler,
+        loader = DataLoader(FileDataset(paths, listing.root, seed, transform), batch_size=batch, sampler=sampler,
                             num_workers=cores, persistent_workers=True)
 
         def dl_stream(first: int, epochs: int, loader=loader, sampler=sampler) -> int:

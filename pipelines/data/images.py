@@ -31,8 +31,9 @@ The fast path (what makes ImageNet-sized JPEGs cheap), pixel for pixel the usual
 4. uint8 HWC out: 1/4 of the bytes of float through the object store; `normalize` runs on the
    training worker's device.
 
-`file_rng(seed, epoch, path)`: the per-file random stream, so that (seed, epoch) reproduces every
-crop and flip whatever the block boundaries or worker scheduling.
+`file_rng(seed, epoch, key)`: the per-file random stream, so that (seed, epoch) reproduces every
+crop and flip whatever the block boundaries or worker scheduling; `draw_key(path, root)` is the key,
+the file's path below the dataset's folder, so a copy of the data elsewhere draws the same ones.
 `normalize(x_uint8 [B, H, W, 3], mean, std) -> float32 [B, 3, H, W]`: on the training worker.
 
 Decoding on GPU nodes instead (no CPU pool), with the cores-per-GPU figure: benchmarks/README.md,
@@ -74,6 +75,14 @@ def file_rng(seed: int, epoch: int, path: str) -> np.random.Generator:
     """A Generator that depends only on (seed, epoch, path): stable across processes and runs."""
     digest = hashlib.blake2b(path.encode("utf-8"), digest_size=8).digest()
     return np.random.default_rng([seed, epoch, int.from_bytes(digest, "little")])
+
+
+def draw_key(path: str, root: str) -> str:
+    """The name a file's random draws are keyed by (`file_rng`'s `path`): its path below the
+    dataset's folder `root` (ending in "/"), so that every copy of a dataset (another folder,
+    another bucket, local or S3) draws the same crops and flips; a path outside `root` (or
+    `root` "") keys by itself."""
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _check_size(w: int, h: int, max_pixels: int) -> None:

@@ -73,6 +73,9 @@ class Listing:
     file. `classes[i]` is the name of label i (empty for integer manifest labels). A split written
     as shards has one row per sample and the columns `shard`, `offset`, `problem` too
     (`pipelines.data.shards`); `skipped` then names the source's bad files left out of the shards.
+    `root` is the folder (a path in `store`, ending in "/") that the files' random draws are keyed
+    below (`pipelines.data.images.draw_key`): the split's folder, or a manifest's; "" keys by the
+    whole path.
     """
 
     uri: str
@@ -80,6 +83,7 @@ class Listing:
     table: pa.Table
     classes: tuple[str, ...]
     skipped: dict[str, str] = field(default_factory=dict)  # {source uri: reason}, shards only
+    root: str = ""
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -220,7 +224,7 @@ def _folder_listing(split_root: Location, classes: tuple[str, ...]) -> Listing:
     if len(index) > len(classes):  # a class folder that list_dirs did not report (rare on S3)
         extra = sorted(set(index) - set(classes))
         raise UserError(f"{split_root.uri}: class folders changed while listing: {extra[:5]}")
-    return Listing(split_root.uri, split_root.store, _table(paths, labels, sizes), classes)
+    return Listing(split_root.uri, split_root.store, _table(paths, labels, sizes), classes, root=base)
 
 
 def _local_files(root: Location) -> list[pafs.FileInfo]:
@@ -266,7 +270,8 @@ def _table(paths: list[str], labels: object, sizes: list[int | None]) -> pa.Tabl
 def _shard_listing(data: DataConfig, root: Location, split: str) -> Listing:
     split_root = root.join(split)
     found = shards.shard_listing(split_root, data.skip_unreadable_files)
-    return Listing(split_root.uri, split_root.store, found.table, shards.read_classes(root), found.skipped)
+    return Listing(split_root.uri, split_root.store, found.table, shards.read_classes(root), found.skipped,
+                   root=split_root.path.rstrip("/") + "/")
 
 
 # --------------------------------------------------------------------------- manifests
@@ -332,6 +337,8 @@ def _manifest_listing(
     if any(p is None or p == "" for p in raw_paths):
         raise UserError(f"{loc.uri}: manifest has empty 'path' values")
     store, paths = _manifest_paths(loc, s3, raw_paths)
+    # relative entries are keyed below the manifest's folder (absolute ones by their whole path)
+    root = posixpath.dirname(loc.path).rstrip("/") + "/" if store == loc.store else ""
 
     if labels_col is None:
         labels = np.full(len(paths), UNLABELLED, dtype=np.int64)
@@ -348,7 +355,7 @@ def _manifest_listing(
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise UserError(f"{loc.uri}: 'label' must hold integers or class names") from None
     out = _table(paths, labels, [None] * len(paths))
-    return Listing(loc.uri, store, out, classes or ())
+    return Listing(loc.uri, store, out, classes or (), root=root)
 
 
 def _manifest_paths(manifest: Location, s3: S3Settings, raw: list[str]) -> tuple[Store, list[str]]:

@@ -24,14 +24,16 @@ Shards. A listing of WebDataset shards (`pipelines.data.shards`, one row per sam
 whole shards instead: the window of row ids is cut into read units of `ShardPlan` (an epoch reads
 its shards in a seeded order, in windows of ~`SHUFFLE_BUFFER` samples shuffled together), one unit
 per Ray block; its task reads each of its shards in one ranged request and decodes the samples
-through the same `_decode_rows` (bad files, crops, flips: as below, keyed by `<shard>#<member>`).
+through the same `_decode_rows` (bad files, crops, flips: as below, keyed by `<shard>#<member>`
+below the split's folder).
 In training a bad sample's row goes to the next good sample of its unit, so a skipped sample shifts
 no other row and a resume stays exact.
 
 Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fresh permutation per
 epoch; evaluation keeps listing order) and draws each file's crop and flip from
-`file_rng(seed, e, path)`. Both depend only on (data.seed, epoch, path), never on block boundaries,
-task placement or retries, so (seed, epoch) reproduces every pixel. `num_epochs > 1` chains epochs
+`file_rng(seed, e, key)`, key = the file's path below the listing's root (`draw_key`: the same for
+every copy of the data, in another folder or bucket). Both depend only on (data.seed, epoch, key),
+never on block boundaries, task placement or retries, so (seed, epoch) reproduces every pixel. `num_epochs > 1` chains epochs
 `epoch .. epoch + num_epochs - 1` in one dataset, for a trainer that is handed a single dataset.
 
 Network errors are not bad files. A read goes through the S3 SDK's own retries
@@ -77,7 +79,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipelines.data.images import BadImage, eval_transform, file_rng, train_transform
+from pipelines.data.images import BadImage, draw_key, eval_transform, file_rng, train_transform
 from pipelines.data.listing import Listing, list_split
 from pipelines.data.shards import ShardPlan, is_sharded, read_range
 from pipelines.data.storage import Store, read_bytes
@@ -229,6 +231,7 @@ class _DecodeSpec:
     read_attempts: int  # for messages
     seed: int
     with_paths: bool
+    key_root: str = ""  # the listing's root: draws are keyed by the path below it (draw_key)
 
 
 def build_dataset(
@@ -280,6 +283,7 @@ def build_dataset(
         read_attempts=listing.store.s3.max_attempts if listing.store.s3 is not None else 1,
         seed=data.seed,
         with_paths=with_paths,
+        key_root=listing.root,
     )
     listing_ref = ray.put((listing.table, listing.store))  # the store pickles as its settings
     if is_sharded(listing.table):
@@ -393,7 +397,7 @@ def _decode_rows(
     bad_files: ray.actor.ActorHandle | None,
     rows_seen: int,
 ) -> tuple[list[np.ndarray], list[int]]:
-    """Decode + augment every content (train: `file_rng(seed, epoch, path)` draws its crop and
+    """Decode + augment every content (train: `file_rng(seed, epoch, draw_key(path))` draws its crop and
     flip): (images uint8 [S, S, 3], the indices they came from). Bad files are logged, reported to
     `bad_files` with `rows_seen`, and stop the stream past data.max_bad_fraction; a read error
     stops it unless data.skip_unreadable_files."""
@@ -413,7 +417,7 @@ def _decode_rows(
             if spec.train:
                 image = train_transform(
                     content,
-                    file_rng(spec.seed, epoch, path),
+                    file_rng(spec.seed, epoch, draw_key(path, spec.key_root)),
                     size,
                     spec.crop_scale,
                     spec.crop_ratio,

@@ -11,7 +11,8 @@ augmented train view. The only place the probe calls `pipelines.data.stream.buil
   `probe.seed`); then, in the Ray Data tasks (`AugmentSpec`), RandAugment (`probe.rand_augment`)
   and random erasing (`probe.random_erasing`): timm's `create_transform(is_training=True, ...)`
   of the reference's attentive-probe configs, in timm's order. Each file's draws come from
-  (`probe.seed`, epoch, path): (seed, epoch) reproduces every view.
+  (`probe.seed`, epoch, the file's path below the split's folder): (seed, epoch) reproduces every
+  view, in any copy of the data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.data.images import file_rng, random_resized_crop_params
+from pipelines.data.images import draw_key, file_rng, random_resized_crop_params
 from pipelines.data.listing import Listing
 from pipelines.data.probe_augment import RandAugment, mean_fill, random_erasing
 from xtra_core.config import DataConfig, XTRAConfig
@@ -85,13 +86,15 @@ class AugmentSpec:
     seed: int
     epoch: int
     crop: bool = True  # False: the image is already the cropped, flipped view (train_stream)
+    key_root: str = ""  # the listing's root URI: draws are keyed by the path below it (draw_key)
 
     @classmethod
-    def of(cls, cfg: XTRAConfig, epoch: int) -> AugmentSpec:
+    def of(cls, cfg: XTRAConfig, epoch: int, listing: Listing) -> AugmentSpec:
         p = cfg.probe
+        root = listing.store.uri_of(listing.root) if listing.root else ""
         return cls(cfg.model.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), p.hflip_prob,
                    p.rand_augment, p.random_erasing, tuple(cfg.data.mean), tuple(cfg.data.std),
-                   p.seed, epoch, crop=False)
+                   p.seed, epoch, crop=False, key_root=root)
 
 
 def augment_view(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec,
@@ -117,8 +120,9 @@ def augment_view(image: np.ndarray, rng: np.random.Generator, spec: AugmentSpec,
 def augment_batch(batch: dict[str, np.ndarray], spec: AugmentSpec) -> dict[str, np.ndarray]:
     """Ray Data task: cropped, flipped views [B, S, S, 3] -> augmented views [B, S, S, 3]."""
     ra = RandAugment.from_spec(spec.rand_augment, mean_fill(spec.mean)) if spec.rand_augment else None
+    seed = spec.seed + AUGMENT_SALT
     views = [
-        augment_view(img, file_rng(spec.seed + AUGMENT_SALT, spec.epoch, str(path)), spec, ra)
+        augment_view(img, file_rng(seed, spec.epoch, draw_key(str(path), spec.key_root)), spec, ra)
         for img, path in zip(batch["image"], batch["path"])
     ]
     size = spec.size
@@ -131,6 +135,6 @@ def augment_batch(batch: dict[str, np.ndarray], spec: AugmentSpec) -> dict[str, 
 def train_stream(cfg: XTRAConfig, listing: Listing, epoch: int) -> Any:
     """Epoch `epoch` of augmented train views in a fresh order: rows image [S, S, 3], label."""
     return _stream(cfg, listing, epoch, train=True).map_batches(
-        augment_batch, fn_kwargs={"spec": AugmentSpec.of(cfg, epoch)}, batch_format="numpy",
+        augment_batch, fn_kwargs={"spec": AugmentSpec.of(cfg, epoch, listing)}, batch_format="numpy",
         batch_size=None,
     )

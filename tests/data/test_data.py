@@ -214,6 +214,18 @@ def test_file_rng_depends_on_seed_epoch_and_path_only() -> None:
         assert not np.array_equal(draw(0, 0, "a/b.jpg"), other)
 
 
+def test_draws_are_keyed_by_the_path_below_the_datasets_folder() -> None:
+    from pipelines.data.images import draw_key
+
+    assert draw_key("/data/a/train/cat/1.jpg", "/data/a/train/") == "cat/1.jpg"
+    assert draw_key("bucket/x/train/cat/1.jpg", "bucket/x/train/") == "cat/1.jpg"
+    assert draw_key("s3://bucket/x/train/s-0.tar#cat/1.jpg", "s3://bucket/x/train/") == "s-0.tar#cat/1.jpg"
+    # outside the folder (a manifest's absolute entry), or no folder: the whole path
+    assert draw_key("/elsewhere/1.jpg", "/data/a/train/") == "/elsewhere/1.jpg"
+    assert draw_key("/data/a/train2/1.jpg", "/data/a/train/") == "/data/a/train2/1.jpg"
+    assert draw_key("/data/a/train/cat/1.jpg", "") == "/data/a/train/cat/1.jpg"
+
+
 def test_epoch_order_is_a_new_seeded_permutation_every_epoch() -> None:
     from pipelines.data.stream import epoch_order
 
@@ -264,6 +276,7 @@ def test_class_index_is_the_same_in_every_split(tmp_path: object) -> None:
     )
     data = DataConfig(uri=root)
     train, test = list_split(data, "train"), list_split(data, "test")
+    assert (train.root, test.root) == (f"{root}/train/", f"{root}/test/")  # draws keyed below them
     assert train.classes == test.classes == ("cat", "dog", "emu")
     assert train.class_counts() == {"cat": 1, "dog": 1, "emu": 1}
     assert dict(zip(test.table["path"].to_pylist(), test.table["label"].to_pylist())) == {
@@ -284,6 +297,7 @@ def test_manifest_csv_with_relative_paths_names_and_a_split_column(tmp_path: obj
     train, test = list_split(data, "train"), list_split(data, "test")
     assert train.classes == ("ant", "zebra")
     assert train.table["path"].to_pylist() == [f"{root}/img/a.png", f"{root}/img/b.png"]
+    assert train.root == test.root == f"{root}/"  # the manifest's folder
     assert train.table["label"].to_pylist() == [1, 0]
     assert test.table["label"].to_pylist() == [1]
 
@@ -393,7 +407,7 @@ def test_reads_a_manifest_from_s3(ray_cluster, s3_server) -> None:
 
 @pytest.mark.slow
 def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
-    ray_cluster, s3_server, s3_dataset, monkeypatch
+    ray_cluster, s3_server, s3_dataset, monkeypatch, tmp_path
 ) -> None:
     from pipelines.data import stream as data_module
     from pipelines.data.stream import build_dataset, epoch_order
@@ -436,6 +450,16 @@ def test_augmentations_vary_across_epochs_and_repeat_with_the_same_seed(
         assert np.array_equal(img, e0_again[p]["image"])  # (seed, epoch) reproduces every pixel
     assert sum(not np.array_equal(e0[p]["image"], e1[p]["image"]) for p in e0) >= 11
     assert sum(not np.array_equal(e0[p]["image"], s1[p]["image"]) for p in e0) >= 11
+    # a copy of the data in a local folder draws the very same crops and flips (keyed by the path
+    # below the split's folder, not by where the copy lives)
+    files = good_dataset()
+    files.update({f"train/cat/{name}": content for name, content in bad_files().items()})
+    write_tree(str(tmp_path / "copy"), files)
+    cfg.data.seed, cfg.data.uri, cfg.data.s3_endpoint = 0, str(tmp_path / "copy"), None
+    local = rows_by_path(build_dataset(cfg.data, SIZE, "train", 0, train=True, with_paths=True))
+    assert {p.removeprefix(f"{tmp_path}/copy/") for p in local} == {p.removeprefix(f"{s3_dataset}/") for p in e0}
+    for p, r in local.items():
+        assert np.array_equal(r["image"], e0[p.replace(f"{tmp_path}/copy", s3_dataset)]["image"])
 
 
 def _stream_slowly(ds, rows: int, pause_s: float) -> tuple[int, float]:

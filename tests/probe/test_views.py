@@ -30,3 +30,25 @@ def test_train_view_crops_from_the_whole_image_not_the_centred_square(tmp_path, 
     assert view.shape == (32, 32, 3)
     means = view.reshape(-1, 3).mean(0)
     assert means[0] > 40 and means[2] > 40 and means[1] > 40  # red, green and blue all in view
+
+
+@pytest.mark.slow
+def test_augmented_views_are_the_same_in_every_copy_of_the_data(tmp_path, ray_cluster):
+    """Crops, flips, RandAugment and erasing are drawn per file from its path below the split's
+    folder: a copy elsewhere gives the very same views (and another seed other ones)."""
+    for copy in ("a", "b/deeper"):
+        for i in range(6):
+            d = tmp_path / copy / "train" / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), np.uint8)).save(d / f"{i}.png")
+
+    def views(copy: str, seed: int = 0) -> list[bytes]:  # the views' pixels, in a set order
+        cfg = build_config("tiny", None, {"data.uri": str(tmp_path / copy), "probe.seed": seed,
+                                          "probe.random_erasing": 0.5})
+        rows = train_stream(cfg, list_split(cfg.data, "train"), 0).take_all()
+        return sorted(r["image"].tobytes() + bytes([r["label"]]) for r in rows)
+
+    a, b, other_seed = views("a"), views("b/deeper"), views("a", seed=1)
+    assert len(a) == len(set(a)) == 6
+    assert a == b
+    assert len(set(a) & set(other_seed)) <= 1
