@@ -49,18 +49,21 @@ SCHEDULE_KEYS = frozenset({"train.epochs", "train.max_steps", "train.steps_per_e
 SCHEDULE_FROM = {"schedule.total_steps": "train.max_steps, else train.epochs x steps per epoch",
                  "schedule.warmup_steps": "train.warmup_steps, else train.warmup_epochs",
                  "schedule.steps_per_epoch": "train.steps_per_epoch, else the dataset's size"}
+# how a file's random crop and flip are keyed (`pipelines.data.images.draw_key`): recorded, so that
+# a run of the older keying is not resumed silently with other crops
+DRAW_KEY = "path below the split's folder"
 # what a checkpoint written before a key existed was trained with (absent keys are otherwise
 # not compared: an older checkpoint never blocks a resume by lacking a newer key)
-BEFORE_THE_KEY = {"model.projection_bias": True}
+BEFORE_THE_KEY = {"model.projection_bias": True, "data.draw_key": "absolute path"}
 
 
 def resume_keys(cfg: XTRAConfig) -> dict[str, Any]:
     """What a checkpoint is bound to, as flat `section.key` values: every model, data and train
-    key except `FREE_KEYS` and the schedule's raw keys; URIs redacted (the file sits in the
-    run's storage)."""
+    key except `FREE_KEYS` and the schedule's raw keys, and `data.draw_key`; URIs redacted (the
+    file sits in the run's storage)."""
     from pipelines.redaction import redact
 
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"data.draw_key": DRAW_KEY}
     for section in ("model", "data", "train"):
         for k, v in dataclasses.asdict(getattr(cfg, section)).items():
             key = f"{section}.{k}"
@@ -194,6 +197,10 @@ def check_resume_config(cfg: XTRAConfig, state: dict[str, Any] | None,
         if "schedule.total_steps" in changed:
             why = (" (the cosine schedule runs over the whole run: another length changes the LR of "
                    "every later step; train.stop_at_step ends an invocation early without that)")
+        if "data.draw_key" in changed:
+            why += (" (this version draws each file's crop and flip from its path below the split's "
+                    "folder, the checkpoint's run from its absolute path: going on draws other crops "
+                    "of the same recipe)")
         raise UserError(
             f"run {cfg.train.run_name!r} resumes from a checkpoint of another config: "
             f"{', '.join(lines)}{why}; use another train.run_name, or "

@@ -55,10 +55,22 @@ def test_a_longer_cosine_is_refused_a_longer_flat_schedule_is_an_extension() -> 
 
 
 def test_keys_an_old_checkpoint_lacks_do_not_block_but_projection_bias_means_the_bias() -> None:
-    old = {"step": 4, "config": {"model.image_size": 32, "train.global_batch_size": 128}}
+    old = {"step": 4, "config": {"model.image_size": 32, "train.global_batch_size": 128,
+                                 "data.draw_key": "path below the split's folder"}}
     with pytest.raises(UserError, match=r"model.projection_bias=True -> False"):
         check(cfg_with(train__lr=5e-4), old)
     assert check(cfg_with(train__lr=5e-4, model__projection_bias=True), old) == []
+
+
+def test_a_checkpoint_whose_crops_were_keyed_by_absolute_paths_is_not_resumed_silently() -> None:
+    old = {"step": 4, "config": {"model.image_size": 32}}  # before data.draw_key was recorded
+    cfg = cfg_with(model__projection_bias=True)
+    with pytest.raises(UserError, match=r"data.draw_key='absolute path' -> \"path below the split's folder\".*"
+                                        r"other crops of the same recipe.*resume_mismatch_ok=true"):
+        check(cfg, old)
+    cfg.train.resume_mismatch_ok = True
+    assert check(cfg, old) == ["data.draw_key='absolute path' -> \"path below the split's folder\""]
+    assert check(cfg, saved_state(cfg)) == []  # a checkpoint of this version records its keying
 
 
 def test_uri_credentials_are_not_written_into_the_checkpoint_state() -> None:
