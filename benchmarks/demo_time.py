@@ -16,20 +16,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_model  # noqa: E402
 from pipelines import console, demo  # noqa: E402
 from xtra_core.precision import local_precision  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "demo_time.json"
 BUDGET_S, MARGIN = 600.0, 0.08
+
+
+def _commit() -> str | None:
+    """The checkout's commit (`+` if it has uncommitted changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     margins = {k: t[f"{k}_pretrained"] - t[f"{k}_random_init"] for k in ("linear", "attentive")}
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "commit": _commit(),
+        "data": r["data"],  # the crops are keyed below it: any folder gives the same encoder
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "load_before": load_before, "load_after": os.getloadavg(),
                     # what the demo's `train.bf16: auto` resolves to on this machine
                     "precision": local_precision("auto", False).describe()},
