@@ -33,8 +33,9 @@ Randomness. Epoch e reads the files in the order `epoch_order(N, seed, e)` (a fr
 epoch; evaluation keeps listing order) and draws each file's crop and flip from
 `file_rng(seed, e, key)`, key = the file's path below the listing's root (`draw_key`: the same for
 every copy of the data, in another folder or bucket). Both depend only on (data.seed, epoch, key),
-never on block boundaries, task placement or retries, so (seed, epoch) reproduces every pixel. `num_epochs > 1` chains epochs
-`epoch .. epoch + num_epochs - 1` in one dataset, for a trainer that is handed a single dataset.
+never on block boundaries, task placement or retries, so (seed, epoch) reproduces every pixel.
+`num_epochs > 1` chains epochs `epoch .. epoch + num_epochs - 1` in one dataset, for a trainer
+that is handed a single dataset.
 
 Network errors are not bad files. A read goes through the S3 SDK's own retries
 (`data.s3_max_attempts`, backoff, see `pipelines.data.storage`); a file still unreadable after them
@@ -397,10 +398,10 @@ def _decode_rows(
     bad_files: ray.actor.ActorHandle | None,
     rows_seen: int,
 ) -> tuple[list[np.ndarray], list[int]]:
-    """Decode + augment every content (train: `file_rng(seed, epoch, draw_key(path))` draws its crop and
-    flip): (images uint8 [S, S, 3], the indices they came from). Bad files are logged, reported to
-    `bad_files` with `rows_seen`, and stop the stream past data.max_bad_fraction; a read error
-    stops it unless data.skip_unreadable_files."""
+    """Decode + augment every content (train: `file_rng(seed, epoch, draw_key(path, root))` draws
+    its crop and flip): (images uint8 [S, S, 3], the indices they came from). Bad files are
+    logged, reported to `bad_files` with `rows_seen`, and stop the stream past
+    data.max_bad_fraction; a read error stops it unless data.skip_unreadable_files."""
     size = spec.image_size
     images: list[np.ndarray] = []
     keep: list[int] = []
