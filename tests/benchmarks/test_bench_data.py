@@ -4,6 +4,9 @@ size, and the loaders it compares really do the same work (same images, same cro
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +14,17 @@ import pytest
 from benchmarks import bench_data
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_data_smoke_writes_every_loader_at_every_size(tmp_path) -> None:
     """(Its data and Ray's session dir live in a fresh /tmp/xbd* dir that the script removes: a
-    pytest tmp_path is too long for Ray's socket paths.)"""
+    pytest tmp_path is too long for Ray's socket paths.) Run as a user runs it, in its own process:
+    it starts its own Ray, which another test's Ray in this process would refuse."""
     if bench_data.find_cifar(None) is None:
         pytest.skip("no CIFAR-10 JPEGs in shared/data/cifar10")
-    bench_data.main(["--smoke", "--results-dir", str(tmp_path)])
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_data", "--smoke", "--results-dir", str(tmp_path)],
+                   cwd=ROOT, check=True, timeout=900)
     data = json.loads((tmp_path / "data_smoke.json").read_text())
     assert [r["output_px"] for r in data["results"]] == [32, 224, 256]
     for r in data["results"]:

@@ -16,6 +16,7 @@ from pipelines.pretrain.rank_streams import build_train_stream
 from tests.reliability.conftest import make_cfg, record_figure
 
 pytestmark = pytest.mark.slow
+SAME_LOSS = 1e-4  # relative: the restarted run's loss at a step equals the uninterrupted one's
 
 
 def _rows(ds) -> tuple[list[str], np.ndarray]:
@@ -115,10 +116,11 @@ def test_sigkilled_worker_restarts_and_sees_the_uninterrupted_runs_images(ray_cl
     loss = _loss(cfg, out["run_id"])
     assert sorted(loss) == list(range(1, steps + 1))
     for step in range(1, steps + 1):  # same weights + same images -> the same loss, step by step
-        assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4), (step, loss, ref_loss)
-    # distinct images: a stream shifted by even one step would show (neighbouring steps differ)
+        assert loss[step] == pytest.approx(ref_loss[step], rel=SAME_LOSS), (step, loss, ref_loss)
+    # distinct images: a stream shifted by even one step would show (neighbouring steps differ by
+    # well over the tolerance of the comparison above)
     gaps = [abs(ref_loss[s + 1] - ref_loss[s]) / ref_loss[s] for s in range(restart + 1, steps)]
-    assert min(gaps) > 1e-3, gaps
+    assert min(gaps) > 3 * SAME_LOSS, gaps
     record_figure("worker_sigkill", killed_after_step=restart + lost, resumed_from_step=restart,
                   steps_redone=lost, checkpoint_every=every,
                   steps_matching_uninterrupted=f"{steps}/{steps}")
