@@ -5,6 +5,8 @@
   `ray_cluster` depends on it.
 - `s3_server` (session): moto's ThreadedMotoServer on a free port; `.endpoint` is its URL,
   `.make_bucket()` a fresh bucket, `.put(key_uri, bytes)` an object. Stopped after the session.
+- `checkout_stays_clean` (session, autouse): fails the session if a test wrote MLflow's default
+  stores (`mlruns/`, `mlartifacts/`, `mlruns.db`) into the checkout instead of its tmp path.
 - `ray_cluster` (session): `ray.init(num_cpus=2)` with a short temp dir (unix socket paths must be
   short) and no dashboard; shut down and removed after the session. Workers' and actors' output
   is not forwarded to the test's console, as in the product without `--verbose` (a test that
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +42,19 @@ FAKE_AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+MLFLOW_DEFAULT_STORES = ("mlruns", "mlartifacts", "mlruns.db")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean() -> Iterator[None]:
+    before = {name for name in MLFLOW_DEFAULT_STORES if (CHECKOUT / name).exists()}
+    yield
+    made = [name for name in MLFLOW_DEFAULT_STORES if name not in before and (CHECKOUT / name).exists()]
+    assert not made, (f"a test wrote MLflow's default store {made} into {CHECKOUT}: give its experiment "
+                      "an artifact_location under tmp_path (pipelines.tracking.store.experiment_id does)")
 
 
 @pytest.fixture(scope="session")

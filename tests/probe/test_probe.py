@@ -543,11 +543,13 @@ def test_probe_job_scores_land_in_mlflow_run_and_registry_tags(tmp_path, capsys,
     from mlflow import MlflowClient
 
     from pipelines.tracking.registry import log_and_register_encoder
+    from pipelines.tracking.store import experiment_id
 
     root = make_color_dataset(tmp_path / "colors", n_train=12, n_test=4)
     db = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(db)
-    mlflow.set_experiment("xtra")
+    # created as the product creates it: artifacts next to the store (not ./mlruns in the checkout)
+    mlflow.set_experiment(experiment_id=experiment_id(db, "xtra"))
     encoder = random_encoder(small_model_cfg(), seed=7)  # stands in for a pretrained encoder
     export = save_encoder(encoder.state_dict(), small_model_cfg(), tmp_path / "export")
     weights_before = (export / "encoder.safetensors").read_bytes()
