@@ -9,8 +9,10 @@ and tests check them.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,8 @@ GRID_RGB = (255, 196, 0)  # block grid lines (amber)
 HATCH_BG_RGB = (235, 235, 235)  # a block with no prediction: light grey ...
 HATCH_RGB = (120, 120, 120)  # ... with dark diagonal stripes
 DPI = 100
+TITLE_FONT_SIZES = (8, 7, 6)  # the title's size, smaller only where it would not fit
+COL_TITLE_BAND = 14  # px above the panels that the column titles take
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def compose(
 
     fig = Figure(figsize=(layout.width / DPI, layout.height / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(fig)
-    fig.text(0.5, 1 - 4 / layout.height, title, ha="center", va="top", fontsize=8)
+    _fit_title(fig, title, layout)
     for c, text in enumerate(col_titles):
         top, left = layout.origin(0, c)
         fig.text((left + layout.panel / 2) / layout.width, 1 - (top - 3) / layout.height, text,
@@ -103,3 +107,37 @@ def compose(
     fig.savefig(str(out), dpi=DPI, facecolor="white")
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _fit_title(fig: Any, title: str, layout: Layout) -> Any:
+    """Put `title` in the band above the column titles, wrapped (long paths broken) and, only if
+    it must, in a smaller font, so that no line runs off the picture; a title too long even then
+    keeps the lines that fit and ends with an ellipsis. Returns the text artist."""
+    renderer = fig.canvas.get_renderer()
+    width, height = layout.width - 2 * layout.pad, layout.title_h - COL_TITLE_BAND - 4
+    text = fig.text(0.5, 1 - 4 / layout.height, "", ha="center", va="top")
+
+    def wrapped(chars: int) -> list[str]:
+        return [w for line in title.splitlines()
+                for w in textwrap.wrap(line, chars, break_long_words=True, break_on_hyphens=False) or [""]]
+
+    longest = max([len(line) for line in title.splitlines()] + [10])
+    for size in TITLE_FONT_SIZES:
+        text.set_fontsize(size)
+        for chars in range(longest, 9, -1):  # the widest wrap whose lines fit the width
+            lines = wrapped(chars)
+            text.set_text("\n".join(lines))
+            box = text.get_window_extent(renderer)
+            if box.width <= width:
+                break
+        if box.height <= height:
+            return text
+    while len(lines) > 1 and text.get_window_extent(renderer).height > height:
+        lines = lines[:-1]
+        last = lines[-1]
+        while True:  # the ellipsis takes the place of the last line's end
+            text.set_text("\n".join([*lines[:-1], last + "…"]))
+            if text.get_window_extent(renderer).width <= width or not last:
+                break
+            last = last[:-1]
+    return text

@@ -124,6 +124,23 @@ def test_figure4_picture_has_the_layout_size_grid_lines_and_a_mean_coloured_firs
         assert HATCH_RGB not in predicted_block and len(predicted_block) > 2
 
 
+@pytest.mark.parametrize("title", [
+    "xtra-encoder v1 on /tmp/fresh4/demo_out/fashion-mnist (test)",  # the demo's: it ran off both sides
+    "xtra-encoder v12 on s3://bucket/" + "a-deep-prefix/" * 20 + " (test)",  # cut, with an ellipsis
+])
+def test_a_long_title_is_wrapped_inside_the_picture_above_the_column_titles(tmp_path, title):
+    from pipelines.visualize.picture import COL_TITLE_BAND
+
+    cfg = small_cfg(**{"model.block_size": 2})
+    picture = figure4(XTRA(cfg).eval(), random_images(1, 16), MEAN, STD, tmp_path / "f.png", title=title)
+    layout = figure4_layout(1, cfg)
+    band = picture[: layout.title_h - COL_TITLE_BAND]
+    ink = (band < 200).any(axis=2)
+    assert ink.any()  # the title is drawn
+    assert not ink[:, : layout.pad].any() and not ink[:, -layout.pad :].any()  # not cut at the sides
+    assert not ink[-2:].any()  # ends above the column titles
+
+
 def test_render_figure4_puts_the_prediction_pixels_in_their_blocks(tmp_path):
     cfg = small_cfg(**{"model.block_size": 2})
     inputs = random_images(1, 16, seed=1)
